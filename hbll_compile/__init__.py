@@ -1,0 +1,34 @@
+"""hbll-compile: train existing PyTorch models with Hierarchical Block-Local Learning (HBLL).
+
+Example:
+    >>> import torch, hbll_compile as hc
+    >>> net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
+    >>> m = hc.hbll_compile(net, (torch.randn(2, 8),), blocks=4)
+    >>> m.tree.depth
+    2
+"""
+
+from hbll_compile.api import hbll_compile
+from hbll_compile.config import HBLLConfig
+from hbll_compile.errors import (
+    CaptureError,
+    CompileError,
+    CutError,
+    ExportError,
+    LoweringError,
+    TrainingError,
+)
+from hbll_compile.model import HBLLModel
+
+__all__ = [
+    "CaptureError",
+    "CompileError",
+    "CutError",
+    "ExportError",
+    "HBLLConfig",
+    "HBLLModel",
+    "LoweringError",
+    "TrainingError",
+    "hbll_compile",
+]
+__version__ = "0.1.0"

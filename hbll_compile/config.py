@@ -1,0 +1,66 @@
+"""HBLLConfig: every knob of hbll-compile in one dataclass.
+
+Example:
+    >>> cfg = HBLLConfig(objective="dgl", local_head_weight=1.0)
+    >>> cfg.inputs, cfg.corrections
+    ('wavefront', 2)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+_CHOICES = {
+    "objective": ("hbll", "dgl", "bp"),
+    "inputs": ("tree", "wavefront"),
+    "correction": ("parareal", "jacobi"),
+}
+
+
+@dataclass(frozen=True)
+class HBLLConfig:
+    """Compile and training options.
+
+    Attributes:
+        objective: ``"hbll"`` (local losses through the coupler tree), ``"dgl"`` (local heads on a
+            sequential forward) or ``"bp"`` (end-to-end backprop, the baseline).
+        inputs: how blocks get their inputs under ``"hbll"``: ``"wavefront"`` (each block reads the
+            output block i-1 produced one step earlier) or ``"tree"`` (coupler estimates with
+            ``corrections`` Parareal sweeps). See DESIGN §2.
+        corrections: K, the number of correction sweeps in tree mode.
+        correction: ``"parareal"`` or ``"jacobi"`` correction sweeps.
+        coupler_cost: each coupler's FLOP budget, as a fraction of the FLOPs of the span it stands for.
+        coupler_layers: additive coupling layers per coupler.
+        local_head_weight: weight λ of the local-head losses (0 disables heads under ``"hbll"``).
+        consistency_weight: weight of each coupler's consistency term ``‖C_v(h_a) − sg(h_b)‖²``.
+        seed: seeds the initialisation of couplers and heads, so compiling twice gives the same model.
+    """
+
+    objective: str = "hbll"
+    inputs: str = "wavefront"
+    corrections: int = 2
+    correction: str = "parareal"
+    coupler_cost: float = 1.0
+    coupler_layers: int = 2
+    local_head_weight: float = 0.0
+    consistency_weight: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"HBLLConfig.{name} must be one of {allowed}, got {value!r}")
+        if self.corrections < 0:
+            raise ValueError(f"HBLLConfig.corrections must be >= 0, got {self.corrections}")
+        if self.coupler_cost <= 0:
+            raise ValueError(f"HBLLConfig.coupler_cost must be > 0, got {self.coupler_cost}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> HBLLConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})

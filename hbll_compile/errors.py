@@ -1,0 +1,43 @@
+"""Every refusal hbll-compile makes is a :class:`CompileError` that names the node, the reason and a remedy.
+
+Example:
+    >>> err = CutError("two parameter-dependent tensors cross every cut", node="add_3", remedy="use fewer blocks")
+    >>> print(err)
+    at add_3: two parameter-dependent tensors cross every cut
+      remedy: use fewer blocks
+"""
+
+from __future__ import annotations
+
+
+class CompileError(Exception):
+    """Base class of every error hbll-compile raises on a model it cannot compile, train or export."""
+
+    def __init__(self, reason: str, *, node: str | None = None, remedy: str | None = None) -> None:
+        self.node = node
+        self.reason = reason
+        self.remedy = remedy
+        text = f"at {node}: {reason}" if node else reason
+        if remedy:
+            text += f"\n  remedy: {remedy}"
+        super().__init__(text)
+
+
+class CaptureError(CompileError):
+    """Neither torch.export nor torch.fx could capture the model graph."""
+
+
+class CutError(CompileError):
+    """The graph has no legal cut where one is needed, or fewer legal cuts than blocks requested."""
+
+
+class LoweringError(CompileError):
+    """The blocks could not be built, or they do not reproduce the model."""
+
+
+class TrainingError(CompileError):
+    """The compiled model cannot train as asked (bad target, missing loss, unsupported objective)."""
+
+
+class ExportError(CompileError):
+    """ONNX export failed, or onnxruntime disagrees with torch."""

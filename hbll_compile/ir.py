@@ -1,0 +1,158 @@
+"""Plain data shared by the passes and the runtime.
+
+Nothing here imports a pass or the runtime: passes *produce* these objects and the
+runtime *reads* them.
+
+Example:
+    >>> tree = Tree.from_splits(n_blocks=4, splits={(0, 4): 2, (0, 2): 1, (2, 4): 3})
+    >>> tree.depth
+    2
+    >>> [n.span for n in tree.path(1)]
+    [(1, 2), (2, 4)]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+Span = tuple[int, int]
+"""A half-open interval ``(a, b]`` of blocks: the node covers blocks a+1 .. b."""
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """The tensor ``h_i`` that crosses the cut after block ``index``; ``shape`` is per sample (no batch dim).
+
+    ``index`` 0 is the model input and ``index`` N the model output.
+    """
+
+    index: int
+    node: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """What the partition decided for one block (1-based ``index``)."""
+
+    index: int
+    nodes: tuple[str, ...]
+    flops: int
+    param_count: int
+    context: tuple[str, ...]
+    """Names of the context values (model inputs or parameter-free functions of them) it reads."""
+
+
+@dataclass(frozen=True)
+class TreeNode:
+    """A node of the block tree. Leaves cover one block; internal nodes own a coupler."""
+
+    id: int
+    span: Span
+    depth: int
+    children: tuple[int, ...] = ()
+    parent: int | None = None
+
+    @property
+    def is_leaf(self) -> bool:
+        return not self.children
+
+    @property
+    def size(self) -> int:
+        return self.span[1] - self.span[0]
+
+
+@dataclass
+class Tree:
+    """A balanced binary tree over blocks 1..N, stored as a flat list of nodes (root first).
+
+    Build one with :func:`hbll_compile.passes.hierarchy.build_tree`, or with
+    :meth:`Tree.from_splits` from explicit split points.
+    """
+
+    n_blocks: int
+    nodes: list[TreeNode] = field(default_factory=list)
+
+    @classmethod
+    def from_splits(cls, n_blocks: int, splits: dict[Span, int]) -> Tree:
+        """Build a tree from ``{span: split_boundary}`` for every internal span."""
+        tree = cls(n_blocks=n_blocks)
+
+        def add(span: Span, depth: int, parent: int | None) -> int:
+            node_id = len(tree.nodes)
+            tree.nodes.append(TreeNode(node_id, span, depth, (), parent))
+            if span[1] - span[0] > 1:
+                s = splits[span]
+                if not span[0] < s < span[1]:
+                    raise ValueError(f"split {s} does not lie strictly inside span {span}")
+                left = add((span[0], s), depth + 1, node_id)
+                right = add((s, span[1]), depth + 1, node_id)
+                old = tree.nodes[node_id]
+                tree.nodes[node_id] = TreeNode(old.id, old.span, old.depth, (left, right), old.parent)
+            return node_id
+
+        add((0, n_blocks), 0, None)
+        return tree
+
+    @property
+    def root(self) -> TreeNode:
+        return self.nodes[0]
+
+    @property
+    def depth(self) -> int:
+        """Length of the longest root-to-leaf path (0 for a single block)."""
+        return max(n.depth for n in self.nodes)
+
+    @property
+    def internal_nodes(self) -> list[TreeNode]:
+        return [n for n in self.nodes if not n.is_leaf]
+
+    @property
+    def leaves(self) -> list[TreeNode]:
+        """Leaves in block order; ``leaves[i-1]`` covers block i."""
+        return sorted((n for n in self.nodes if n.is_leaf), key=lambda n: n.span)
+
+    def node(self, span: Span) -> TreeNode:
+        for n in self.nodes:
+            if n.span == span:
+                return n
+        raise KeyError(f"no tree node covers span {span}")
+
+    def __iter__(self) -> Iterator[TreeNode]:
+        return iter(self.nodes)
+
+    def nodes_at_depth(self, d: int) -> list[TreeNode]:
+        """The frontier at depth d: nodes of depth d, plus leaves where the tree is shallower.
+
+        Their spans tile (0, N] in order; this is the depth-d subnetwork.
+        """
+        if d < 0:
+            raise ValueError(f"depth must be >= 0, got {d}")
+        frontier = [n for n in self.nodes if n.depth == d or (n.is_leaf and n.depth < d)]
+        return sorted(frontier, key=lambda n: n.span)
+
+    def path(self, i: int) -> list[TreeNode]:
+        """The hierarchical path P(i -> N): the largest tree nodes that tile (i, N], in order.
+
+        It has at most ``depth`` nodes for 0 < i < N, is empty for i == N, and is the root for i == 0.
+        """
+        if not 0 <= i <= self.n_blocks:
+            raise ValueError(f"boundary {i} is outside 0..{self.n_blocks}")
+        out: list[TreeNode] = []
+        start = i
+        while start < self.n_blocks:
+            best = max((n for n in self.nodes if n.span[0] == start), key=lambda n: n.size)
+            out.append(best)
+            start = best.span[1]
+        return out
+
+    def levels(self) -> list[list[TreeNode]]:
+        """Nodes grouped by depth, root level first."""
+        return [[n for n in self.nodes if n.depth == d] for d in range(self.depth + 1)]
+
+    @staticmethod
+    def required_depth(n_blocks: int) -> int:
+        return math.ceil(math.log2(n_blocks)) if n_blocks > 1 else 0

@@ -1,0 +1,206 @@
+"""Lowering: split the captured graph into a context GraphModule and N block GraphModules.
+
+Calling convention (read by the runtime, never re-derived):
+- ``context(*inputs)`` returns the tuple of context values named ``Lowered.context_names``;
+- the *environment* of one forward is ``{input name: input} | {context name: value}``;
+- block i is called as ``blocks[i-1](h_{i-1}, *[env[name] for name in specs[i-1].context])``, where
+  ``h_0`` is the first model input; it returns ``h_i`` (``h_N`` is the model output).
+
+Blocks own no state. Each ``get_attr`` target is bound by :func:`bind_state` to the user's own tensor
+(or to a captured constant), and each ``call_module`` target is the user's own module object, so
+parameters and buffers are shared and tied weights stay tied.
+
+Example:
+    >>> import torch
+    >>> from hbll_compile.passes.capture import capture
+    >>> from hbll_compile.passes.graph import build_graph
+    >>> from hbll_compile.passes.partition import choose_cuts
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> cap = capture(net, (torch.randn(3, 4),)); view = build_graph(cap.gm)
+    >>> low = lower(cap, view, choose_cuts(view.costs, view.legal_cuts, 2), net)
+    >>> [b.index for b in low.boundaries], len(low.blocks)
+    ([0, 1, 2], 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from hbll_compile.errors import LoweringError
+from hbll_compile.ir import BlockSpec, Boundary
+from hbll_compile.passes.capture import Captured
+from hbll_compile.passes.graph import GraphView
+from hbll_compile.passes.partition import Partition
+
+
+@dataclass
+class Lowered:
+    context: fx.GraphModule
+    context_names: tuple[str, ...]
+    input_names: tuple[str, ...]
+    blocks: list[fx.GraphModule]
+    specs: list[BlockSpec]
+    boundaries: list[Boundary]
+    constants: dict[str, torch.Tensor]
+    """Captured tensors that are not attributes of the user's model (``target -> tensor``)."""
+
+
+def lower(captured: Captured, view: GraphView, partition: Partition, model: nn.Module) -> Lowered:
+    """Build the context and block GraphModules for ``partition`` (see the module docstring)."""
+    gm = captured.gm
+    nodes = {n.name: n for n in gm.graph.nodes}
+    input_names = tuple(view.inputs)
+    bounds = [0, *partition.cuts, len(view.sequence)]
+    boundary_nodes = [input_names[0], *(view.crossing[c] for c in partition.cuts), view.output]
+
+    block_graphs, reads = [], []
+    for i in range(len(bounds) - 1):
+        members = view.sequence[bounds[i]:bounds[i + 1]]
+        graph, context_reads = _block_graph(nodes, members, boundary_nodes[i], boundary_nodes[i + 1])
+        block_graphs.append(graph)
+        reads.append(context_reads)
+    needed = {name for r in reads for name in r}
+    context_names = tuple(n for n in view.context if n in needed)
+    context_graph = _context_graph(nodes, view.inputs, view.context, context_names)
+
+    constants: dict[str, torch.Tensor] = {}
+    resolve = _resolver(model, gm, constants)
+    context = _graph_module(gm, context_graph, resolve, "Context")
+    blocks = [_graph_module(gm, g, resolve, f"Block{i + 1}") for i, g in enumerate(block_graphs)]
+
+    specs = []
+    for i, (block, r) in enumerate(zip(blocks, reads)):
+        members = view.sequence[bounds[i]:bounds[i + 1]]
+        specs.append(BlockSpec(
+            index=i + 1,
+            nodes=tuple(members),
+            flops=sum(nodes[m].meta["hbll"].flops for m in members),
+            param_count=sum(p.numel() for p in block.parameters()),
+            context=tuple(r),
+        ))
+    boundaries = []
+    for i, name in enumerate(boundary_nodes):
+        info = nodes[name].meta["hbll"]
+        boundaries.append(Boundary(index=i, node=name, shape=tuple(info.shape or ())[1:], dtype=info.dtype or ""))
+    return Lowered(context, context_names, input_names, blocks, specs, boundaries, constants)
+
+
+def _block_graph(
+    nodes: dict[str, fx.Node], members: list[str], h_in: str, h_out: str
+) -> tuple[fx.Graph, list[str]]:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {nodes[h_in]: graph.placeholder("h")}
+    context_reads: list[str] = []
+    member_set = set(members)
+
+    def value(a: fx.Node) -> fx.Node:
+        if a not in env:
+            if a.op == "get_attr":
+                env[a] = graph.get_attr(a.target)
+            elif a.name in member_set:
+                raise LoweringError(f"node {a.name} is read before it is computed", node=a.name,
+                                    remedy="report this graph to hbll-compile")
+            else:
+                with graph.inserting_after(_last_placeholder(graph)):
+                    env[a] = graph.placeholder(a.name)
+                context_reads.append(a.name)
+        return env[a]
+
+    for name in members:
+        node = nodes[name]
+        env[node] = graph.node_copy(node, value)
+    graph.output(env[nodes[h_out]] if nodes[h_out] in env else value(nodes[h_out]))
+    return graph, context_reads
+
+
+def _last_placeholder(graph: fx.Graph) -> fx.Node:
+    return [n for n in graph.nodes if n.op == "placeholder"][-1]
+
+
+def _context_graph(
+    nodes: dict[str, fx.Node], inputs: list[str], context: list[str], outputs: tuple[str, ...]
+) -> fx.Graph:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {nodes[name]: graph.placeholder(name) for name in inputs}
+
+    def value(a: fx.Node) -> fx.Node:
+        if a not in env:
+            env[a] = graph.get_attr(a.target)
+        return env[a]
+
+    for name in context:
+        env[nodes[name]] = graph.node_copy(nodes[name], value)
+    graph.output(tuple(env[nodes[name]] for name in outputs))
+    return graph
+
+
+def _resolver(model: nn.Module, gm: fx.GraphModule, constants: dict[str, torch.Tensor]) -> Callable[[str], object]:
+    """Map a target to the user's own object, or record it as a constant of the capture."""
+
+    def resolve(target: str) -> object:
+        found = _lookup(model, target)
+        if found is not None:
+            return found
+        found = _lookup(gm, target)
+        if found is None:
+            raise LoweringError(f"captured attribute {target!r} was not found", node=target,
+                                remedy="report this model to hbll-compile")
+        if isinstance(found, torch.Tensor):
+            constants[target] = found
+        return found
+
+    return resolve
+
+
+def _lookup(root: nn.Module, target: str) -> object | None:
+    owner: object = root
+    for part in target.split("."):
+        if not hasattr(owner, part):
+            return None
+        owner = getattr(owner, part)
+    return owner
+
+
+def _graph_module(gm: fx.GraphModule, graph: fx.Graph, resolve: Callable[[str], object], name: str) -> fx.GraphModule:
+    holder = nn.Module()
+    for node in graph.nodes:
+        if node.op == "call_module":
+            _assign(holder, node.target, gm.get_submodule(node.target))
+        elif node.op == "get_attr":
+            _assign(holder, node.target, resolve(node.target))
+    out = fx.GraphModule(holder, graph, class_name=name)
+    return out
+
+
+def bind_state(module: fx.GraphModule, resolve: Callable[[str], object]) -> None:
+    """Point every ``get_attr`` target of ``module`` at ``resolve(target)`` (after ``.to()`` and friends)."""
+    for node in module.graph.nodes:
+        if node.op == "get_attr":
+            _assign(module, node.target, resolve(node.target))
+
+
+def _assign(root: nn.Module, target: str, value: object) -> None:
+    *parents, leaf = target.split(".")
+    owner = root
+    for part in parents:
+        if not isinstance(getattr(owner, part, None), nn.Module):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if getattr(owner, leaf, None) is value:
+        return
+    owner._parameters.pop(leaf, None)
+    owner._buffers.pop(leaf, None)
+    owner._modules.pop(leaf, None)
+    if isinstance(value, nn.Parameter):
+        owner.register_parameter(leaf, value)
+    elif isinstance(value, nn.Module):
+        owner.add_module(leaf, value)
+    elif isinstance(value, torch.Tensor):
+        owner.register_buffer(leaf, value)
+    else:
+        setattr(owner, leaf, value)

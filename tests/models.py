@@ -1,0 +1,270 @@
+"""The shared model zoo: every test that needs "a real model" takes it from ``ZOO``.
+
+Each :class:`Case` builds a fresh model (seeded) and example inputs, and says which block counts
+it must compile at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 20, width: int = 32, depth: int = 6, classes: int = 5) -> None:
+        super().__init__()
+        dims = [d_in] + [width] * depth
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:]))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class ResMLP(nn.Module):
+    def __init__(self, d_in: int = 20, width: int = 32, depth: int = 8, classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Linear(d_in, width)
+        self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in range(depth)])
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x.flatten(1))))
+
+
+class CNNBN(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = [1, 8, 16, 16, 32]
+        for i, (a, b) in enumerate(zip(channels, channels[1:])):
+            layers += [nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU()]
+            if i % 2 == 1:
+                layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(0.2)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        return self.fc(self.dropout(h.mean(dim=(2, 3))))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A small CIFAR-style ResNet: stem, three stages (two downsampling, projection shortcuts)."""
+
+    def __init__(self, classes: int = 10, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        stages = []
+        c = width
+        for i, c_out in enumerate((width, 2 * width, 4 * width)):
+            stride = 1 if i == 0 else 2
+            stages += [BasicBlock(c, c_out, stride), BasicBlock(c_out, c_out, 1)]
+            c = c_out
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stages(self.stem(x))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, heads)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """GPT-style: token + learned position embeddings, causal attention, output head tied to the embedding."""
+
+    def __init__(self, vocab: int = 50, dim: int = 32, layers: int = 4, heads: int = 4, ctx: int = 16) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.wpe = nn.Embedding(ctx, dim)
+        self.drop = nn.Dropout(0.1)
+        self.h = nn.ModuleList(GPTBlock(dim, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        b, t = idx.size()
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+class Inception(nn.Module):
+    """Inception-style modules: parallel branches joined by concatenation."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.mods = nn.ModuleList(self._module(16) for _ in range(3))
+        self.fc = nn.Linear(16, classes)
+
+    @staticmethod
+    def _module(c: int) -> nn.ModuleDict:
+        return nn.ModuleDict({
+            "b1": nn.Conv2d(c, c // 4, 1),
+            "b3": nn.Sequential(nn.Conv2d(c, c // 4, 1), nn.ReLU(), nn.Conv2d(c // 4, c // 4, 3, padding=1)),
+            "b5": nn.Sequential(nn.Conv2d(c, c // 4, 1), nn.ReLU(), nn.Conv2d(c // 4, c // 4, 5, padding=2)),
+            "pool": nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Conv2d(c, c // 4, 1)),
+        })
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        for m in self.mods:
+            h = torch.relu(torch.cat([m["b1"](h), m["b3"](h), m["b5"](h), m["pool"](h)], dim=1))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class MaskedEncoder(nn.Module):
+    """A token model whose padding mask and positions are context: parameter-free functions of the input."""
+
+    def __init__(self, vocab: int = 30, dim: int = 16, layers: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos_scale = nn.Parameter(torch.ones(dim))
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        self.out = nn.Linear(dim, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        mask = (tokens != 0).unsqueeze(-1).float()
+        positions = torch.arange(tokens.shape[1], device=tokens.device).float().unsqueeze(-1) / tokens.shape[1]
+        h = self.emb(tokens) + positions * self.pos_scale
+        for layer in self.layers:
+            h = h + torch.tanh(layer(h)) * mask
+        return self.out((h * mask).sum(1) / mask.sum(1).clamp(min=1))
+
+
+class TwoInputs(nn.Module):
+    """Two inputs: an image and a side vector that joins halfway."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc1 = nn.Linear(4 * 8 * 8, 32)
+        self.fc2 = nn.Linear(32, 32)
+        self.side = nn.Linear(6, 32)
+        self.fc3 = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, image: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(image)).flatten(1)
+        h = torch.relu(self.fc1(h))
+        h = torch.relu(self.fc2(h)) * torch.sigmoid(extra.sum(-1, keepdim=True))
+        h = torch.relu(self.fc3(h + self.side(extra)))
+        return self.head(h)
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if h.sum() > 0:
+            return self.b(h)
+        return h
+
+
+class TupleOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.a(x)
+        return self.b(h), h
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    factory: Callable[[], nn.Module]
+    inputs: Callable[[int], tuple[torch.Tensor, ...]]
+    blocks: tuple[int, ...]
+
+    def build(self, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return self.factory()
+
+    def example(self, batch: int = 4, seed: int = 1) -> tuple[torch.Tensor, ...]:
+        torch.manual_seed(seed)
+        return self.inputs(batch)
+
+
+ZOO: dict[str, Case] = {c.name: c for c in [
+    Case("mlp", MLP, lambda b: (torch.randn(b, 20),), (2, 4, 7)),
+    Case("resmlp", ResMLP, lambda b: (torch.randn(b, 20),), (2, 4, 8)),
+    Case("cnn_bn", CNNBN, lambda b: (torch.randn(b, 1, 16, 16),), (2, 4, 6)),
+    Case("resnet", ResNet, lambda b: (torch.randn(b, 3, 16, 16),), (2, 4, 8)),
+    Case("gpt", GPT, lambda b: (torch.randint(0, 50, (b, 16)),), (2, 4, 8)),
+    Case("inception", Inception, lambda b: (torch.randn(b, 3, 12, 12),), (2, 4)),
+    Case("masked", MaskedEncoder, lambda b: (torch.randint(0, 30, (b, 7)),), (2, 4)),
+    Case("two_inputs", TwoInputs, lambda b: (torch.randn(b, 1, 8, 8), torch.randn(b, 6)), (2, 4)),
+]}
