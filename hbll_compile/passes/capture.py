@@ -245,7 +245,10 @@ def _where(node: fx.Node) -> str:
 def _check_outputs(gm: fx.GraphModule) -> None:
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     values = output.args[0]
-    if isinstance(values, (tuple, list)) and len(values) == 1:
+    spec = getattr(gm, "_out_spec", None)  # export flattens outputs; the spec keeps their structure
+    if spec is not None and not spec.is_leaf():
+        values = f"a {getattr(spec.type, '__name__', spec.type)} of {spec.num_leaves} values"
+    elif isinstance(values, (tuple, list)) and len(values) == 1:
         values = values[0]
     if not isinstance(values, fx.Node):
         raise CaptureError(
@@ -258,6 +261,8 @@ def _check_outputs(gm: fx.GraphModule) -> None:
 
 
 def _describe_output(values: Any) -> str:
+    if isinstance(values, str):
+        return values
     if isinstance(values, (tuple, list)):
         return f"a {type(values).__name__} of {len(values)} values"
     if isinstance(values, dict):

@@ -1,0 +1,126 @@
+"""The ``hbll`` command.
+
+Example:
+    hbll inspect examples/models.py:resnet --input-shape 4,3,32,32 --blocks 4 --png tree.png
+    hbll inspect mymodel.py:build --input-shape 2,64 --dtype int64
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hbll_compile.api import hbll_compile
+from hbll_compile.errors import CompileError
+from hbll_compile.model import HBLLModel
+
+
+def load_factory(spec: str) -> Callable[[], nn.Module]:
+    """Resolve ``FILE.py:FACTORY`` to the callable ``FACTORY`` defined in ``FILE.py``."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path.endswith(".py"):
+        raise SystemExit(f"error: expected FILE.py:FACTORY, got {spec!r}")
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"error: no such file: {file}")
+    module_spec = importlib.util.spec_from_file_location(file.stem, file)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, str(file.parent.resolve()))
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise SystemExit(f"error: {file} defines no callable {name!r}")
+    return factory
+
+
+def example_inputs(shapes: Sequence[str], dtypes: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    """Random inputs for ``--input-shape 4,1,28,28`` (repeatable, one per model input)."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for i, text in enumerate(shapes):
+        shape = tuple(int(s) for s in text.split(","))
+        dtype = getattr(torch, dtypes[i] if i < len(dtypes) else dtypes[-1])
+        if dtype.is_floating_point:
+            inputs.append(torch.randn(shape, generator=generator, dtype=dtype))
+        else:
+            inputs.append(torch.randint(0, 2, shape, generator=generator, dtype=dtype))
+    return tuple(inputs)
+
+
+def draw_tree(m: HBLLModel, path: str) -> None:
+    """Draw the block tree with matplotlib: internal nodes are couplers, leaves are blocks."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise SystemExit("error: --png needs matplotlib: pip install 'hbll-compile[plot]'") from err
+    tree = m.tree
+    fig, ax = plt.subplots(figsize=(max(6, tree.n_blocks * 0.9), 1.4 * (tree.depth + 1)))
+    centre = {n.id: (n.span[0] + n.span[1]) / 2 for n in tree}
+    for n in tree:
+        x, y = centre[n.id], -n.depth
+        for c in n.children:
+            ax.plot([x, centre[c]], [y, -tree.nodes[c].depth], color="0.6", zorder=1)
+        label = f"block {n.span[1]}" if n.is_leaf else f"C({n.span[0]},{n.span[1]}]"
+        ax.text(x, y, label, ha="center", va="center", zorder=2, fontsize=8,
+                bbox={"boxstyle": "round", "fc": "#cfe8ff" if n.is_leaf else "#ffe2b8", "ec": "0.4"})
+    ax.set_xlim(0, tree.n_blocks)
+    ax.set_ylim(-tree.depth - 0.6, 0.6)
+    ax.axis("off")
+    ax.set_title(f"HBLL tree: N={tree.n_blocks}, depth {tree.depth}")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    model = load_factory(args.factory)()
+    m = hbll_compile(model, example_inputs(args.input_shape, args.dtype), blocks=args.blocks)
+    print(m.describe())
+    print(f"capture: {m.report['capture']}; legal cuts: {m.report['legal_cuts']} "
+          f"(at most {m.report['max_blocks']} blocks); context values: {len(m.context_names)}")
+    if args.png:
+        draw_tree(m, args.png)
+        print(f"tree drawn to {args.png}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hbll", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    inspect = sub.add_parser("inspect", help="compile a model and print its blocks and tree")
+    inspect.add_argument("factory", help="FILE.py:FACTORY, a function returning the nn.Module")
+    inspect.add_argument("--input-shape", action="append", required=True,
+                         help="comma-separated example input shape; repeat for each model input")
+    inspect.add_argument("--dtype", action="append", default=None,
+                         help="dtype of each input (default float32; int64 for token ids)")
+    inspect.add_argument("--blocks", type=int, default=None, help="number of blocks N (default: automatic)")
+    inspect.add_argument("--png", default=None, help="draw the tree to this PNG file (needs matplotlib)")
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "dtype", None) is None:
+        args.dtype = ["float32"]
+    try:
+        return args.run(args)
+    except CompileError as err:
+        print(f"hbll: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

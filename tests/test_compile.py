@@ -1,0 +1,134 @@
+"""Differential tests: the compiled chain of blocks against the eager model, over the whole zoo."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from models import ZOO, Case
+
+import hbll_compile as hc
+
+CASES = [(name, n) for name, case in ZOO.items() for n in case.blocks]
+TOL = 1e-5
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize(("name", "n"), CASES, ids=[f"{c}-N{n}" for c, n in CASES])
+def test_blocks_reproduce_model(name: str, n: int) -> None:
+    case: Case = ZOO[name]
+    model = case.build()
+    reference = copy.deepcopy(model)
+    m = hc.hbll_compile(model, case.example(), blocks=n)
+
+    assert len(m.blocks) == n
+    assert m.tree.depth == (math.ceil(math.log2(n)) if n > 1 else 0)
+    assert m.to_original() is model
+    assert {id(p) for p in m.parameters()} == {id(p) for p in model.parameters()}
+
+    x = case.example(batch=5, seed=3)  # another batch size than the example: the batch dim is dynamic
+    m.eval(), reference.eval()
+    with torch.no_grad():
+        assert _max_diff(m(*x), reference(*x)) <= TOL
+
+    # train mode: same dropout stream, same BatchNorm statistics, same gradients
+    m.train(), reference.train()
+    torch.manual_seed(7)
+    out = m(*x)
+    torch.manual_seed(7)
+    expected = reference(*x)
+    assert _max_diff(out, expected) <= TOL
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    for (pname, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert (p.grad is None) == (q.grad is None), pname
+        if p.grad is not None:
+            assert _max_diff(p.grad, q.grad) <= 1e-4 * max(1.0, q.grad.abs().max().item()), pname
+    for (bname, b), c in zip(model.named_buffers(), reference.buffers()):
+        assert torch.allclose(b.float(), c.float(), atol=TOL), bname
+
+
+def test_tied_weights_stay_tied() -> None:
+    model = ZOO["gpt"].build()
+    m = hc.hbll_compile(model, ZOO["gpt"].example(), blocks=4)
+    first = m.blocks[0].get_parameter("wte.weight") if hasattr(m.blocks[0], "wte") else None
+    shared = [p for b in m.blocks for name, p in b.named_parameters() if p is model.wte.weight]
+    assert len(shared) >= 2, "the embedding and the tied output head must be the same Parameter in two blocks"
+    assert first is None or first is model.wte.weight
+    with torch.no_grad():
+        model.wte.weight.add_(1.0)
+    m.eval(), model.eval()
+    x = ZOO["gpt"].example()
+    assert _max_diff(m(*x), model(*x)) == 0.0
+
+
+def test_state_dict_round_trip_and_dtype_conversion() -> None:
+    case = ZOO["resnet"]
+    m = hc.hbll_compile(case.build(seed=0), case.example(), blocks=4)
+    other = hc.hbll_compile(case.build(seed=1), case.example(), blocks=4)
+    x = case.example(batch=3)
+    m.train()
+    m(*x)  # move BatchNorm statistics away from their initial values
+    other.load_state_dict(m.state_dict())
+    m.eval(), other.eval()
+    assert torch.equal(m(*x), other(*x))
+    for b, c in zip(m.to_original().buffers(), other.to_original().buffers()):
+        assert torch.equal(b, c)
+
+    m.double()
+    original = m.to_original()
+    assert all(p.dtype == torch.float64 for p in original.parameters())
+    assert all(b.dtype == torch.float64 for b in original.buffers() if b.is_floating_point())
+    xd = tuple(t.double() for t in x)
+    assert _max_diff(m(*xd), original(*xd)) <= 1e-10
+
+
+def test_train_eval_switch_reaches_original_modules() -> None:
+    case = ZOO["cnn_bn"]
+    model = case.build()
+    m = hc.hbll_compile(model, case.example(), blocks=4)
+    m.eval()
+    assert not model.training and all(not mod.training for mod in model.modules())
+    m.train()
+    assert all(mod.training for mod in model.modules())
+
+
+def test_describe_lists_every_block() -> None:
+    case = ZOO["resnet"]
+    m = hc.hbll_compile(case.build(), case.example(), blocks=4)
+    table = m.describe()
+    for column in ("block", "span", "FLOPs", "params", "boundary", "tree level"):
+        assert column in table
+    rows = [line for line in table.splitlines() if line.startswith("│")]
+    assert len(rows) == 4
+    assert "B×" in rows[0]
+
+
+def test_automatic_block_count_is_documented_rule() -> None:
+    case = ZOO["resmlp"]
+    m = hc.hbll_compile(case.build(), case.example())
+    assert len(m.blocks) == 8  # largest power of two <= min(8, max_blocks=10)
+    small = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    assert len(hc.hbll_compile(small, (torch.randn(2, 4),)).blocks) == 2  # 3 legal blocks -> 2
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "resnet", "inception"])
+def test_fx_fallback_when_export_fails(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hbll_compile.passes import capture as capture_pass
+
+    def refuse(*_: object) -> None:
+        raise RuntimeError("export unavailable")
+
+    monkeypatch.setattr(capture_pass, "_export", refuse)
+    case = ZOO[name]
+    model = case.build()
+    m = hc.hbll_compile(model, case.example(), blocks=2)
+    assert m.report["capture"] == "fx"
+    m.eval()
+    x = case.example(batch=3)
+    assert _max_diff(m(*x), model(*x)) <= TOL

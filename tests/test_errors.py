@@ -1,0 +1,79 @@
+"""Refusals: every one is a CompileError that names the node, the reason and a remedy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import ZOO, DataDependent, TupleOutput
+
+import hbll_compile as hc
+
+
+def test_data_dependent_control_flow_is_refused_with_source_line() -> None:
+    with pytest.raises(hc.CaptureError) as info:
+        hc.hbll_compile(DataDependent(), (torch.randn(3, 4),), blocks=2)
+    err = info.value
+    assert isinstance(err, hc.CompileError)
+    assert "data-dependent" in err.reason
+    assert err.node is not None and "models.py" in err.node and "if h.sum() > 0" in err.node
+    assert "torch.cond" in err.remedy
+
+
+def test_too_many_blocks_states_the_maximum() -> None:
+    case = ZOO["resnet"]
+    with pytest.raises(hc.CutError) as info:
+        hc.hbll_compile(case.build(), case.example(), blocks=100)
+    assert "at most 18 blocks" in str(info.value)
+    assert "blocks <= 18" in info.value.remedy
+
+
+def test_non_tensor_output_is_refused() -> None:
+    with pytest.raises(hc.CaptureError, match="exactly one tensor output") as info:
+        hc.hbll_compile(TupleOutput(), (torch.randn(3, 4),), blocks=2)
+    assert "wrap the model" in info.value.remedy
+
+
+def test_dict_output_is_refused() -> None:
+    class DictOut(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.a(x)}
+
+    with pytest.raises(hc.CaptureError, match="dict"):
+        hc.hbll_compile(DictOut(), (torch.randn(3, 4),), blocks=1)
+
+
+def test_non_tensor_example_input_is_refused() -> None:
+    with pytest.raises(hc.CaptureError, match="not a tensor"):
+        hc.hbll_compile(torch.nn.Linear(4, 4), (torch.randn(3, 4), "x"), blocks=1)
+
+
+def test_functional_dropout_with_frozen_training_flag_is_refused() -> None:
+    class FunctionalDropout(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.dropout(self.a(x), 0.3, self.training)
+
+    with pytest.raises(hc.CaptureError, match="training=True") as info:
+        hc.hbll_compile(FunctionalDropout(), (torch.randn(3, 4),), blocks=1)
+    assert "nn.Dropout" in info.value.remedy
+
+
+def test_parameter_free_model_is_refused() -> None:
+    class NoParams(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    with pytest.raises(hc.CutError, match="nothing to train"):
+        hc.hbll_compile(NoParams(), (torch.randn(3, 4),))
+
+
+def test_zero_blocks_is_refused() -> None:
+    with pytest.raises(hc.CutError, match="at least 1"):
+        hc.hbll_compile(torch.nn.Linear(4, 4), (torch.randn(3, 4),), blocks=0)

@@ -1,0 +1,245 @@
+"""Schedules: validity, the DESIGN §2 critical paths, and one update per block and coupler."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hbll_compile.ir import Span, Tree
+from hbll_compile.runtime.schedule import Schedule, Task, build_bp, build_dgl, build_hbll
+
+SIZES = [1, 2, 3, 4, 5, 8, 16, 64]
+KS = [0, 1, 2]
+
+
+def midpoint_tree(n: int) -> Tree:
+    """Split every span at its midpoint, left half rounded up (the leftmost leaf is at depth L)."""
+    splits: dict[Span, int] = {}
+
+    def split(a: int, b: int) -> None:
+        if b - a > 1:
+            s = (a + b + 1) // 2
+            splits[(a, b)] = s
+            split(a, s)
+            split(s, b)
+
+    split(0, n)
+    return Tree.from_splits(n, splits)
+
+
+@st.composite
+def valid_trees(draw: st.DrawFn) -> Tree:
+    """Any tree of depth ceil(log2 N): a child at depth d + 1 holds at most 2**(L-d-1) blocks."""
+    n = draw(st.integers(1, 100))
+    depth = Tree.required_depth(n)
+    splits: dict[Span, int] = {}
+
+    def split(a: int, b: int, d: int) -> None:
+        if b - a > 1:
+            cap = 1 << (depth - d - 1)
+            s = draw(st.integers(max(a + 1, b - cap), min(b - 1, a + cap)))
+            splits[(a, b)] = s
+            split(a, s, d + 1)
+            split(s, b, d + 1)
+
+    split(0, n, 0)
+    return Tree.from_splits(n, splits)
+
+
+def longest_path(tree: Tree) -> int:
+    """P: the most couplers on any block's hierarchical path (L for midpoint trees)."""
+    return max(len(tree.path(i)) for i in range(1, tree.n_blocks + 1))
+
+
+def tasks(schedule: Schedule) -> list[Task]:
+    return [task for stage in schedule.stages for task in stage]
+
+
+def check_updates(schedule: Schedule, tree: Tree, heads: bool) -> None:
+    units = Counter(t.unit for t in tasks(schedule) if t.kind.endswith("_update"))
+    expected = Counter(
+        [("block", i) for i in range(1, tree.n_blocks + 1)]
+        + [("coupler", v.id) for v in tree.internal_nodes]
+        + ([("head", i) for i in range(1, tree.n_blocks)] if heads else [])
+    )
+    assert units == expected
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("k", KS)
+def test_tree_mode_matches_design(n: int, k: int) -> None:
+    tree = midpoint_tree(n)
+    L = tree.depth
+    assert L == Tree.required_depth(n)
+    schedule = build_hbll(tree, inputs="tree", corrections=k)
+    schedule.validate()
+    assert schedule.critical_path() == (k + 3) * L + 2
+    assert len(schedule) == (k + 1) * L + 1
+    check_updates(schedule, tree, heads=False)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_wavefront_mode_matches_design(n: int) -> None:
+    tree = midpoint_tree(n)
+    schedule = build_hbll(tree, inputs="wavefront", corrections=2)
+    schedule.validate()
+    assert schedule.critical_path() == 2 * tree.depth + 2
+    assert len(schedule) == 1
+    check_updates(schedule, tree, heads=False)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_baselines(n: int) -> None:
+    bp, dgl = build_bp(n), build_dgl(n)
+    assert bp.critical_path() == bp.critical_path(dataflow=True) == 2 * n == len(bp)
+    assert dgl.critical_path() == (n + 3 if n > 1 else 2)
+    assert len(dgl) == n
+    assert Counter(t.kind for t in tasks(dgl)) == Counter(
+        {"block_forward": n - 1, "head_update": n - 1, "block_update": 1}
+    )
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("k", KS)
+def test_jacobi_sweeps_take_one_stage(n: int, k: int) -> None:
+    tree = midpoint_tree(n)
+    L = tree.depth
+    schedule = build_hbll(tree, inputs="tree", corrections=k, correction="jacobi")
+    sweeps = k if n > 1 else 0
+    assert len(schedule) == L + sweeps + 1
+    assert schedule.critical_path() == L + sweeps + 2 * L + 2
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("inputs", ["tree", "wavefront"])
+def test_heads_add_one_task_per_inner_boundary(n: int, inputs: str) -> None:
+    tree = midpoint_tree(n)
+    schedule = build_hbll(tree, inputs=inputs, corrections=1, head_weight=0.5)
+    check_updates(schedule, tree, heads=True)
+    without = build_hbll(tree, inputs=inputs, corrections=1)
+    update = 2 * tree.depth + 2
+    assert schedule.critical_path() == without.critical_path() - update + max(update, 4 if n > 1 else 2)
+
+
+@pytest.mark.parametrize("k", KS)
+def test_every_sweep_sets_every_inner_boundary_once(k: int) -> None:
+    n = 13
+    schedule = build_hbll(midpoint_tree(n), inputs="tree", corrections=k)
+    written = Counter(v for t in tasks(schedule) for v in t.writes)
+    assert written == Counter(f"h{i}@s{s}" for i in range(1, n) for s in range(k + 1))
+
+
+def test_parareal_sweep_reads_previous_sweep() -> None:
+    tree = Tree.from_splits(4, {(0, 4): 2, (0, 2): 1, (2, 4): 3})
+    stages = build_hbll(tree, inputs="tree", corrections=1).stages
+    assert stages[2] == (Task("correct", ("coupler", 1), ("x", "h1@s0", "x"), ("h2@s1",)),)
+    assert stages[3] == (
+        Task("block_forward", ("block", 1), ("x",), ("h1@s1",)),
+        Task("block_forward", ("block", 3), ("h2@s1",), ("h3@s1",)),
+    )
+
+
+def test_wavefront_pairs_come_from_one_batch() -> None:
+    tree = midpoint_tree(4)
+    updates = {t.unit: t for t in tasks(build_hbll(tree, inputs="wavefront"))}
+    assert updates[("block", 1)].reads == ("x", "y")
+    assert updates[("block", 3)].reads == ("h2@prev", "y@lag2")
+    assert updates[("block", 3)].writes == ("h3@next",)
+    right = tree.node((2, 4)).id
+    assert updates[("coupler", right)].reads == ("h2@lag4", "h4@prev", "y@lag4")
+
+
+def test_dataflow_bound_is_shorter_than_staged_execution() -> None:
+    schedule = build_hbll(midpoint_tree(8), inputs="tree", corrections=0)
+    assert schedule.critical_path(dataflow=True) == 8 < schedule.critical_path() == 11
+
+
+@settings(max_examples=60, deadline=None)
+@given(tree=valid_trees(), k=st.integers(0, 2), jacobi=st.booleans(), heads=st.booleans())
+def test_any_valid_tree(tree: Tree, k: int, jacobi: bool, heads: bool) -> None:
+    L, P = tree.depth, longest_path(tree)
+    update = max(2 * P + 2, 4 if heads and tree.n_blocks > 1 else 2)
+    head_weight = 1.0 if heads else 0.0
+    wave = build_hbll(tree, inputs="wavefront", head_weight=head_weight)
+    assert wave.critical_path() == update
+    check_updates(wave, tree, heads)
+    correction = "jacobi" if jacobi else "parareal"
+    staged = build_hbll(tree, inputs="tree", corrections=k, correction=correction, head_weight=head_weight)
+    sweeps = (k if tree.n_blocks > 1 else 0) if jacobi else k * L
+    assert staged.critical_path() == L + sweeps + update
+    assert staged.critical_path(dataflow=True) <= staged.critical_path()
+    check_updates(staged, tree, heads)
+    if not heads:
+        assert wave.critical_path() <= 2 * L + 2
+        assert jacobi or staged.critical_path() <= (k + 3) * L + 2
+
+
+@given(n=st.integers(1, 100), k=st.integers(0, 2))
+@settings(deadline=None)
+def test_midpoint_trees_hit_the_design_formula(n: int, k: int) -> None:
+    tree = midpoint_tree(n)
+    assert build_hbll(tree, inputs="tree", corrections=k).critical_path() == (k + 3) * tree.depth + 2
+    assert build_hbll(tree, inputs="wavefront").critical_path() == 2 * tree.depth + 2
+
+
+def test_floor_midpoint_tree_has_a_shorter_path() -> None:
+    """Split (0, 3] at 1: no block's path has L = 2 couplers, so the step is shorter than DESIGN's bound."""
+    tree = Tree.from_splits(3, {(0, 3): 1, (1, 3): 2})
+    assert longest_path(tree) == 1
+    assert build_hbll(tree, inputs="wavefront").critical_path() == 4 < 2 * 2 + 2
+
+
+def one_stage_each(*tasks_: Task) -> Schedule:
+    return Schedule("hand", tuple((t,) for t in tasks_), frozenset({"x", "y"}))
+
+
+def test_reading_own_stage_is_invalid() -> None:
+    first = Task("block_forward", ("block", 1), ("x",), ("h1",))
+    second = Task("block_forward", ("block", 2), ("h1",), ("h2",))
+    with pytest.raises(ValueError, match="reads"):
+        Schedule("hand", ((first, second),), frozenset({"x"})).validate()
+
+
+def test_reading_later_stage_is_invalid() -> None:
+    early = Task("block_forward", ("block", 2), ("h1",), ("h2",))
+    late = Task("block_forward", ("block", 1), ("x",), ("h1",))
+    with pytest.raises(ValueError, match="reads"):
+        one_stage_each(early, late).validate()
+    with pytest.raises(ValueError, match="reads"):
+        one_stage_each(early, late).critical_path()
+
+
+def test_unknown_value_double_write_and_bad_tasks_are_invalid() -> None:
+    with pytest.raises(ValueError, match="reads"):
+        one_stage_each(Task("block_forward", ("block", 1), ("z",), ("h1",))).validate()
+    twice = Task("block_forward", ("block", 1), ("x",), ("h1",))
+    with pytest.raises(ValueError, match="already written"):
+        one_stage_each(twice, twice).validate()
+    with pytest.raises(ValueError, match="input"):
+        one_stage_each(Task("block_forward", ("block", 1), ("x",), ("y",))).validate()
+    with pytest.raises(ValueError, match="empty"):
+        Schedule("hand", ((),), frozenset()).validate()
+    with pytest.raises(ValueError, match="kind"):
+        Task("teleport", ("block", 1), (), ())
+    with pytest.raises(ValueError, match="evals"):
+        Task("block_forward", ("block", 1), ("x",), ("h1",), evals=0)
+
+
+def test_bad_options_are_rejected() -> None:
+    tree = midpoint_tree(4)
+    for kwargs in ({"inputs": "oracle"}, {"correction": "newton"}, {"corrections": -1}, {"head_weight": -1}):
+        with pytest.raises(ValueError):
+            build_hbll(tree, **kwargs)
+    with pytest.raises(ValueError):
+        build_bp(0)
+
+
+def test_describe_lists_every_task() -> None:
+    schedule = build_hbll(midpoint_tree(4), inputs="tree", corrections=1)
+    text = schedule.describe()
+    assert text.splitlines()[0] == "hbll-tree-parareal-K1: 5 stages, critical path 10"
+    assert len(text.splitlines()) == 2 + len(tasks(schedule))
+    assert "correct" in text and "h2@s1" in text
