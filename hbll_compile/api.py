@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,12 +19,16 @@ from torch import nn
 
 from hbll_compile.config import HBLLConfig
 from hbll_compile.errors import CompileError, LoweringError
+from hbll_compile.ir import Tree
 from hbll_compile.model import HBLLModel
 from hbll_compile.passes.capture import capture
+from hbll_compile.passes.couplers import build_couplers
 from hbll_compile.passes.graph import build_graph
+from hbll_compile.passes.heads import build_heads
 from hbll_compile.passes.hierarchy import build_tree
 from hbll_compile.passes.lower import lower
 from hbll_compile.passes.partition import choose_cuts
+from hbll_compile.runtime.schedule import Schedule, build_bp, build_dgl, build_hbll
 
 VERIFY_TOLERANCE = 1e-5
 
@@ -58,16 +63,63 @@ def hbll_compile(
     partition = choose_cuts(view.costs, view.legal_cuts, blocks)
     lowered = lower(captured, view, partition, model)
     tree = build_tree(partition.block_costs)
+    config = config or HBLLConfig()
+    example_batch = int(captured.example_inputs[0].shape[0]) if captured.example_inputs[0].dim() else 1
+    couplers, plans = build_couplers(tree, lowered.boundaries, lowered.specs, config, example_batch)
+    heads = build_heads(lowered.boundaries, config)
     report = {
         "capture": captured.method,
         "legal_cuts": len(view.legal_cuts),
         "max_blocks": len(view.legal_cuts) + 1,
         "block_costs": partition.block_costs,
         "context": list(lowered.context_names),
+        "example_batch": example_batch,
+        "example_inputs": [(tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in captured.example_inputs],
     }
-    compiled = HBLLModel(model, lowered, tree, loss=loss, config=config, report=report)
+    compiled = HBLLModel(model, lowered, tree, couplers, plans, heads, build_schedule(tree, config),
+                         loss=loss, config=config, report=report)
     _verify(compiled, model, captured.example_inputs)
     return compiled
+
+
+def load(
+    path: str, model_factory: Callable[[], nn.Module], *, loss: Callable[..., torch.Tensor] | None = None
+) -> HBLLModel:
+    """Rebuild a model saved with :meth:`HBLLModel.save`: compile ``model_factory()`` with the saved
+    block count, config and input shapes, then load every saved tensor (strictly).
+
+    Example:
+        >>> import torch, tempfile, os, hbll_compile as hc
+        >>> factory = lambda: torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> m = hc.hbll_compile(factory(), (torch.randn(2, 4),), blocks=2)
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors"); m.save(path)
+        >>> x = torch.randn(3, 4); torch.equal(hc.HBLLModel.load(path, factory)(x), m(x))
+        True
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "hbll" not in metadata:
+        raise CompileError(f"{path} was not written by HBLLModel.save", node=path,
+                           remedy="save compiled models with m.save(path)")
+    settings = json.loads(metadata["hbll"])
+    examples = tuple(torch.zeros(shape, dtype=getattr(torch, dtype)) for shape, dtype in settings["example_inputs"])
+    compiled = hbll_compile(model_factory(), examples, blocks=settings["blocks"], loss=loss,
+                            config=HBLLConfig.from_dict(settings["config"]))
+    load_model(compiled, path, strict=True)
+    return compiled
+
+
+def build_schedule(tree: Tree, config: HBLLConfig) -> Schedule:
+    """The training-step schedule the config asks for."""
+    if config.objective == "bp":
+        return build_bp(tree.n_blocks)
+    if config.objective == "dgl":
+        return build_dgl(tree.n_blocks)
+    return build_hbll(tree, inputs=config.inputs, corrections=config.corrections, correction=config.correction,
+                      head_weight=config.local_head_weight)
 
 
 def _verify(compiled: HBLLModel, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:

@@ -11,15 +11,21 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from hbll_compile.config import HBLLConfig
+from hbll_compile.errors import TrainingError
 from hbll_compile.ir import BlockSpec, Boundary, Tree
+from hbll_compile.passes.couplers import CouplerPlan
 from hbll_compile.passes.lower import Lowered, bind_state
+from hbll_compile.runtime.executor import Executor
+from hbll_compile.runtime.schedule import Schedule
+from hbll_compile.runtime.trainer import evaluate, fit
 
 
 class HBLLModel(nn.Module):
@@ -35,6 +41,10 @@ class HBLLModel(nn.Module):
         model: nn.Module,
         lowered: Lowered,
         tree: Tree,
+        couplers: nn.ModuleDict,
+        coupler_plans: list[CouplerPlan],
+        heads: nn.ModuleDict,
+        schedule: Schedule,
         *,
         loss: Callable[..., torch.Tensor] | None = None,
         config: HBLLConfig | None = None,
@@ -54,9 +64,15 @@ class HBLLModel(nn.Module):
         self.boundaries: list[Boundary] = lowered.boundaries
         self.input_names = lowered.input_names
         self.context_names = lowered.context_names
-        self.loss = loss
+        self.couplers = couplers
+        self.coupler_plans = coupler_plans
+        self._plan = {p.node: p for p in coupler_plans}
+        self.heads = heads
+        self.schedule = schedule
+        self.task_loss = loss
         self.config = config or HBLLConfig()
         self.report = report or {}
+        self._executor = Executor(schedule, self)
         self.train(model.training)
 
     # -- state sharing -------------------------------------------------------------------------
@@ -97,15 +113,114 @@ class HBLLModel(nn.Module):
         """Block i (1-based) on boundary ``h_{i-1}``."""
         return self.blocks[i - 1](h, *(env[name] for name in self.specs[i - 1].context))
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def run_block_frozen(self, i: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
+        """Block i as a fixed function: no gradient reaches its parameters and, in train mode, its
+        running statistics (BatchNorm) are not updated. Used inside paths and estimates."""
+        block = self.blocks[i - 1]
+        state = {name: p.detach() for name, p in block.named_parameters()}
+        state.update((name, b.clone()) for name, b in block.named_buffers())
+        args = (h, *(env[name] for name in self.specs[i - 1].context))
+        return torch.func.functional_call(block, state, args)
+
+    def run_coupler(self, node: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
+        """Coupler of tree node ``node`` on its span's left boundary (block 1 first, for token inputs)."""
+        plan = self._plan[node]
+        if plan.source != plan.span[0]:
+            h = self.run_block_frozen(1, h, env)
+        return self.couplers[str(node)](h)
+
+    def run_node(self, node: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
+        """A tree node as a fixed map: its coupler, or its block (frozen) for a leaf."""
+        tree_node = self.tree.nodes[node]
+        if tree_node.is_leaf:
+            return self.run_block_frozen(tree_node.span[1], h, env)
+        return self.run_coupler(node, h, env)
+
+    def forward(self, *inputs: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """The exact chain of blocks, or with ``depth=d`` the depth-d subnetwork (couplers and blocks)."""
         if len(inputs) != len(self.input_names):
             raise TypeError(f"expected {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
                             f"got {len(inputs)}")
         env = self.environment(*inputs)
         h = inputs[0]
-        for i in range(1, len(self.blocks) + 1):
-            h = self.run_block(i, h, env)
+        if depth is None or depth >= self.tree.depth:
+            for i in range(1, len(self.blocks) + 1):
+                h = self.run_block(i, h, env)
+            return h
+        if depth < 0:
+            raise ValueError(f"depth must be in 0..{self.tree.depth}, got {depth}")
+        for node in self.tree.nodes_at_depth(depth):
+            h = self.run_block(node.span[1], h, env) if node.is_leaf else self.run_coupler(node.id, h, env)
         return h
+
+    # -- training ------------------------------------------------------------------------------
+    def training_step(self, *inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """One step of the configured objective: fills ``.grad`` of blocks, couplers and heads by their
+        local losses only; call ``optimizer.step()`` afterwards. Returns the task loss of the deepest
+        block that ran (with ``inputs="wavefront"``, on the batch that entered N-1 steps ago)."""
+        if self.task_loss is None:
+            raise TrainingError("no task loss was given", node="loss",
+                                remedy="compile with hbll_compile(..., loss=torch.nn.functional.cross_entropy)")
+        return self._executor.step(inputs, target)
+
+    def reset_pipeline(self) -> None:
+        """Drop the activations the wavefront pipeline carries between steps."""
+        self._executor.reset()
+
+    def fit(
+        self,
+        train_loader: Iterable[Sequence[torch.Tensor]],
+        epochs: int,
+        optimizer: torch.optim.Optimizer | None = None,
+        eval_loader: Iterable[Sequence[torch.Tensor]] | None = None,
+        *,
+        progress: bool = True,
+    ) -> dict[str, list[float]]:
+        """Train for ``epochs`` on batches ``(inputs..., target)`` with a rich progress bar (loss,
+        steps/s, stage count); default optimizer AdamW(lr=1e-3). Returns the per-epoch history."""
+        return fit(self, train_loader, epochs, optimizer, eval_loader, progress=progress)
+
+    def depth_flops(self, depth: int | None) -> int:
+        """Per-sample FLOPs of ``self(x, depth=depth)`` (the exact chain for ``None``)."""
+        per_block = [spec.flops / self.report["example_batch"] for spec in self.specs]
+        if depth is None or depth >= self.tree.depth:
+            return int(sum(per_block))
+        total = 0.0
+        for node in self.tree.nodes_at_depth(depth):
+            if node.is_leaf:
+                total += per_block[node.span[1] - 1]
+            else:
+                plan = self._plan[node.id]
+                total += plan.flops + (per_block[0] if plan.source != plan.span[0] else 0)
+        return int(total)
+
+    def depth_report(self, loader: Iterable[Sequence[torch.Tensor]]) -> list[dict[str, float]]:
+        """Accuracy, loss and per-sample FLOPs of every depth-d subnetwork, d = 0..tree depth
+        (the last row is the exact chain)."""
+        rows = []
+        for d in range(self.tree.depth + 1):
+            metrics = evaluate(self, loader, depth=d)
+            rows.append({"depth": d, "flops": self.depth_flops(d), **metrics})
+        return rows
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write every parameter and buffer (model, couplers, heads) and the compile settings to a
+        safetensors file; :meth:`load` rebuilds the compiled model from it."""
+        from safetensors.torch import save_model
+
+        settings = {"blocks": len(self.blocks), "config": self.config.to_dict(),
+                    "example_inputs": self.report["example_inputs"]}
+        save_model(self, path, metadata={"hbll": json.dumps(settings)})
+
+    @classmethod
+    def load(
+        cls, path: str, model_factory: Callable[[], nn.Module], *, loss: Callable[..., torch.Tensor] | None = None
+    ) -> HBLLModel:
+        """Recompile ``model_factory()`` as it was saved and load the saved state into it."""
+        from hbll_compile.api import load  # the api layer owns compiling; this is its public alias
+
+        return load(path, model_factory, loss=loss)
 
     # -- inspection ----------------------------------------------------------------------------
     def describe(self) -> str:

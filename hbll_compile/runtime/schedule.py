@@ -396,3 +396,26 @@ def _validated(name: str, stages: list[Stage], inputs: frozenset[str] | None) ->
     schedule = Schedule(name, tuple(stages), inputs)
     schedule.validate()
     return schedule
+
+
+def value_source(name: str) -> tuple[str, int]:
+    """Where a wavefront value lives: ``(key, lag)`` in the ring of recent batches (lag 0 = this batch).
+
+    ``h{i}@prev`` is boundary i of the batch that entered i steps ago; ``name@lag{k}`` is ``name`` of the
+    batch that entered k steps ago; a bare name belongs to this step's batch; ``h{i}@next`` is written
+    for the batch block i processes now, which entered i - 1 steps ago.
+
+    Example:
+        >>> value_source("h3@prev"), value_source("y@lag2"), value_source("h2@next"), value_source("x")
+        (('h3', 3), ('y', 2), ('h2', 1), ('x', 0))
+    """
+    key, _, tag = name.partition("@")
+    if tag == "prev":
+        return key, int(key[1:])
+    if tag == "next":
+        return key, int(key[1:]) - 1
+    if tag.startswith("lag"):
+        return key, int(tag[3:])
+    if tag:
+        raise ValueError(f"{name!r} is not a wavefront value name")
+    return key, 0

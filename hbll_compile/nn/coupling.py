@@ -1,0 +1,212 @@
+"""Invertible couplers: a shape adapter followed by additive (RevNet-style) coupling layers.
+
+Example:
+    >>> c = Coupler((3, 8, 8), (16, 4, 4), hidden=8)
+    >>> x = torch.randn(2, 3, 8, 8)
+    >>> c(x).shape, torch.allclose(c.inverse(c(x)), x)
+    (torch.Size([2, 16, 4, 4]), True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import chain
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
+
+from .adapters import Shape, ShapeAdapter, as_shape, check_batch, feature_axis, make_adapter
+
+
+def _residual_net(shape: Shape, in_channels: int, out_channels: int, hidden: int) -> nn.Sequential:
+    """The F or G net of a coupling layer; its last layer starts at zero.
+
+    Images: Conv1x1 -> GELU -> Conv3x3 (padding 1), so the 3x3 conv gives spatial mixing
+    and the 1x1 conv keeps the channel expansion cheap. Vectors and sequences:
+    Linear -> GELU -> Linear over the feature axis.
+    """
+    if len(shape) == 3:
+        first: nn.Module = nn.Conv2d(in_channels, hidden, 1)
+        last: nn.Conv2d | nn.Linear = nn.Conv2d(hidden, out_channels, 3, padding=1)
+    else:
+        first, last = nn.Linear(in_channels, hidden), nn.Linear(hidden, out_channels)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(first, nn.GELU(), last)
+
+
+class AdditiveCoupling(nn.Module):
+    """Exactly invertible additive coupling on per-sample ``shape`` (RevNet style).
+
+    The feature axis (dim 1 of an image batch, the last dim otherwise) of size d is split
+    into x1 (d // 2 features) and x2 (the rest)::
+
+        y1 = x1 + F(x2)        x2 = y2 - G(y1)
+        y2 = x2 + G(y1)        x1 = y1 - F(x2)
+
+    F and G end in a zero-initialised layer, so a fresh layer is the identity. With d == 1
+    there is nothing to split: the layer is ``y = x + b`` with one learned scalar b
+    (initially 0), still exactly invertible.
+
+    Example:
+        >>> layer = AdditiveCoupling((10, 6), hidden=16)
+        >>> x = torch.randn(4, 10, 6)
+        >>> torch.equal(layer(x), x)
+        True
+    """
+
+    def __init__(self, shape: Sequence[int], hidden: int) -> None:
+        super().__init__()
+        if hidden < 1:
+            raise ValueError(f"AdditiveCoupling hidden width must be >= 1 but got {hidden}")
+        self.shape = as_shape(shape)
+        self.hidden = hidden
+        self.axis = feature_axis(self.shape) + 1  # feature axis of the batched tensor
+        d = self.shape[self.axis - 1]
+        self.split = (d // 2, d - d // 2)
+        self.f: nn.Module | None = None
+        self.g: nn.Module | None = None
+        if d == 1:
+            self.offset = nn.Parameter(torch.zeros(()))
+        else:
+            self.f = _residual_net(self.shape, self.split[1], self.split[0], hidden)
+            self.g = _residual_net(self.shape, self.split[0], self.split[1], hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_batch(x, self.shape, "AdditiveCoupling")
+        if self.f is None or self.g is None:
+            return x + self.offset
+        x1, x2 = x.split(self.split, dim=self.axis)
+        y1 = x1 + self.f(x2)
+        return torch.cat((y1, x2 + self.g(y1)), dim=self.axis)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        check_batch(y, self.shape, "AdditiveCoupling.inverse")
+        if self.f is None or self.g is None:
+            return y - self.offset
+        y1, y2 = y.split(self.split, dim=self.axis)
+        x2 = y2 - self.g(y1)
+        return torch.cat((y1 - self.f(x2), x2), dim=self.axis)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, hidden={self.hidden}"
+
+
+class Coupler(nn.Module):
+    """A cheap learned map from boundary shape ``in_shape`` to ``out_shape``.
+
+    ``make_adapter(in_shape, out_shape)`` and ``n_layers`` ``AdditiveCoupling`` layers of width
+    ``hidden``. The layers work in the larger space: after an injective adapter (pad,
+    space-to-depth) in ``out_shape`` space, before a lossy one (crop, pooling) in ``in_shape``
+    space, so a coupler into narrow logits still sees every input feature. A fresh coupler
+    equals its adapter. ``inverse`` undoes both parts exactly, so ``inverse(forward(x)) == x``
+    whenever ``injective`` (and ``forward(inverse(y)) == y`` whenever the adapter is surjective).
+
+    Example:
+        >>> c = Coupler((64,), (64,), hidden=32)
+        >>> x = torch.randn(5, 64)
+        >>> torch.equal(c(x), x), c.bijective, c.flops()
+        (True, True, 16384)
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], hidden: int, n_layers: int = 2):
+        super().__init__()
+        if n_layers < 0:
+            raise ValueError(f"Coupler n_layers must be >= 0 but got {n_layers}")
+        self.adapter: ShapeAdapter = make_adapter(in_shape, out_shape)
+        self.in_shape = self.adapter.in_shape
+        self.out_shape = self.adapter.out_shape
+        self.hidden = hidden
+        self.couple_first = not self.adapter.injective
+        space = self.in_shape if self.couple_first else self.out_shape
+        self.layers = nn.ModuleList(AdditiveCoupling(space, hidden) for _ in range(n_layers))
+
+    @property
+    def injective(self) -> bool:
+        """True when ``inverse(forward(x)) == x`` exactly."""
+        return self.adapter.injective
+
+    @property
+    def bijective(self) -> bool:
+        """True when ``inverse`` is a two-sided inverse."""
+        return self.adapter.bijective
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x if self.couple_first else self.adapter(x)
+        for layer in self.layers:
+            y = layer(y)
+        return self.adapter(y) if self.couple_first else y
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        x = self.adapter.inverse(y) if self.couple_first else y
+        for layer in reversed(self.layers):
+            x = layer.inverse(x)
+        return x if self.couple_first else self.adapter.inverse(x)
+
+    def flops(self, batch: int = 1) -> int:
+        """FLOPs of one forward pass on ``batch`` samples, measured by ``FlopCounterMode``.
+
+        Counts matrix multiplies and convolutions (2 per multiply-add) on meta tensors, so
+        nothing is computed.
+
+        Example:
+            >>> Coupler((8,), (8,), hidden=4, n_layers=1).flops(batch=2)
+            256
+        """
+        meta = {
+            name: torch.empty_like(t, device="meta") for name, t in chain(self.named_parameters(), self.named_buffers())
+        }
+        x = torch.empty(batch, *self.in_shape, device="meta")
+        with FlopCounterMode(display=False) as counter:
+            functional_call(self, meta, (x,))
+        return int(counter.get_total_flops())
+
+    @classmethod
+    def for_budget(
+        cls,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        flop_budget: int,
+        n_layers: int = 2,
+        min_hidden: int = 8,
+    ) -> Coupler:
+        """The coupler with the largest ``hidden`` whose per-sample ``flops()`` is at most ``flop_budget``.
+
+        Candidates are measured on the meta device. The search keeps a bracket (a width
+        that fits, a width that does not) and probes where the secant through the two
+        measured costs meets the budget; the cost is affine in ``hidden``, so this takes
+        about four measurements, and it stays correct (if slower) for any increasing
+        cost. If even ``min_hidden`` exceeds the budget, or ``hidden`` does not change
+        the cost (feature size 1 or ``n_layers == 0``), the coupler gets ``min_hidden``.
+
+        Example:
+            >>> Coupler.for_budget((64,), (64,), flop_budget=20_000).hidden
+            39
+        """
+        if flop_budget < 0 or min_hidden < 1:
+            raise ValueError(
+                f"for_budget needs flop_budget >= 0 and min_hidden >= 1 but got {flop_budget} and {min_hidden}"
+            )
+
+        def cost(hidden: int) -> int:
+            with torch.device("meta"):
+                candidate = cls(in_shape, out_shape, hidden, n_layers)
+            return candidate.flops()
+
+        def secant(lo: int, c_lo: int, hi: int, c_hi: int) -> int:
+            return lo + (flop_budget - c_lo) * (hi - lo) // (c_hi - c_lo)
+
+        lo, hi = min_hidden, 2 * min_hidden
+        c_lo, c_hi = cost(lo), cost(hi)
+        if c_lo > flop_budget or c_hi == c_lo:
+            return cls(in_shape, out_shape, min_hidden, n_layers)
+        while c_hi <= flop_budget:  # grow the bracket past the budget
+            lo, c_lo, hi = hi, c_hi, max(secant(lo, c_lo, hi, c_hi) + 1, hi + 1)
+            c_hi = cost(hi)
+        while hi - lo > 1:
+            mid = min(max(secant(lo, c_lo, hi, c_hi), lo + 1), hi - 1)
+            c_mid = cost(mid)
+            lo, c_lo, hi, c_hi = (mid, c_mid, hi, c_hi) if c_mid <= flop_budget else (lo, c_lo, mid, c_mid)
+        return cls(in_shape, out_shape, lo, n_layers)

@@ -1,0 +1,39 @@
+"""Build local heads (DESIGN §1, "Local head"): one predictor per inner boundary 1..N-1.
+
+Heads map ``h_i`` to the model output's shape so the task loss can score it: pooling plus a linear
+layer for images, a linear layer for token sequences and vectors. They are built when the objective
+is ``"dgl"``, or under ``"hbll"`` when ``local_head_weight > 0``.
+
+Example:
+    >>> import torch, hbll_compile as hc
+    >>> net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
+    >>> m = hc.hbll_compile(net, (torch.randn(2, 8),), blocks=4, config=hc.HBLLConfig(objective="dgl"))
+    >>> sorted(m.heads)
+    ['1', '2', '3']
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hbll_compile.config import HBLLConfig
+from hbll_compile.ir import Boundary
+from hbll_compile.nn.heads import make_head
+
+
+def wants_heads(config: HBLLConfig) -> bool:
+    return config.objective == "dgl" or (config.objective == "hbll" and config.local_head_weight > 0)
+
+
+def build_heads(boundaries: list[Boundary], config: HBLLConfig) -> nn.ModuleDict:
+    """Heads keyed by ``str(i)`` for boundaries 1..N-1 (empty when the config needs none)."""
+    heads = nn.ModuleDict()
+    if not wants_heads(config):
+        return heads
+    output = boundaries[-1].shape
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 1)
+        for boundary in boundaries[1:-1]:
+            heads[str(boundary.index)] = make_head(boundary.shape, output)
+    return heads

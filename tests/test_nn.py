@@ -1,0 +1,270 @@
+"""Property tests for hbll_compile.nn: shape adapters, couplers and local heads."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hbll_compile.nn import (
+    AdditiveCoupling,
+    AvgPool,
+    ChannelResize,
+    Compose,
+    Coupler,
+    Flatten,
+    SpaceToDepth,
+    make_adapter,
+    make_head,
+)
+
+FAST = settings(max_examples=25, deadline=None)
+BATCH = 3
+
+sizes = st.integers(1, 6)
+vectors = st.tuples(st.integers(1, 12))
+sequences = st.tuples(st.integers(1, 5), st.integers(1, 12))
+images = st.tuples(sizes, st.integers(1, 5), st.integers(1, 5))
+
+
+@st.composite
+def adapter_pairs(draw: st.DrawFn) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A supported (in_shape, out_shape) pair of every kind make_adapter handles."""
+    kind = draw(st.sampled_from(["same", "down", "up", "channels", "sequence", "vector", "to_vector"]))
+    c, c2, f = draw(sizes), draw(sizes), draw(st.integers(1, 3))
+    h, w = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    if kind == "same":
+        shape = draw(st.one_of(vectors, sequences, images))
+        return shape, shape
+    if kind == "down":
+        return (c, h * f, w * f), (c2, h, w)
+    if kind == "up":
+        return (c, h, w), (c2, h * f, w * f)
+    if kind == "channels":
+        return (c, h, w), (c2, h, w)
+    if kind == "sequence":
+        t, d = draw(sequences)
+        return (t, d), (t, draw(st.integers(1, 12)))
+    if kind == "vector":
+        return draw(vectors), draw(vectors)
+    return draw(st.one_of(sequences, images)), (draw(st.integers(1, 40)),)
+
+
+def randomize(module: torch.nn.Module) -> None:
+    """Move every parameter away from its (partly zero) init so couplings are not identities."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.2)
+
+
+@FAST
+@given(adapter_pairs(), st.integers(0, 2**31 - 1))
+def test_adapter_shapes_and_inverses(pair, seed):
+    in_shape, out_shape = pair
+    adapter = make_adapter(in_shape, out_shape)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(BATCH, *in_shape, generator=gen)
+    y = adapter(x)
+    assert adapter.in_shape == in_shape and adapter.out_shape == out_shape
+    assert tuple(y.shape) == (BATCH, *out_shape)
+    assert adapter.bijective == (adapter.injective and adapter.surjective)
+    if adapter.injective:
+        torch.testing.assert_close(adapter.inverse(y), x, atol=1e-5, rtol=0)
+    if adapter.surjective:
+        target = torch.randn(BATCH, *out_shape, generator=gen)
+        torch.testing.assert_close(adapter(adapter.inverse(target)), target, atol=1e-5, rtol=0)
+
+
+@FAST
+@given(images, st.integers(1, 40))
+def test_image_to_vector_is_injective_exactly_when_it_fits(shape, dim):
+    adapter = make_adapter(shape, (dim,))
+    assert adapter.injective == (math.prod(shape) <= dim)
+    x = torch.randn(BATCH, *shape)
+    # pooling keeps every channel's mean when the channels fit: (C,) is recoverable from the output
+    if shape[0] <= dim:
+        means = x.mean(dim=(2, 3))
+        recovered = adapter.inverse(adapter(x)).mean(dim=(2, 3))
+        torch.testing.assert_close(recovered, means, atol=1e-5, rtol=1e-5)
+
+
+@FAST
+@given(st.one_of(sequences, images), st.data())
+def test_avg_pool_averages_windows_and_repeats_back(shape, data):
+    axes = range(1, 3) if len(shape) == 3 else range(1)
+    kernel = [data.draw(st.sampled_from([k for k in range(1, shape[a] + 1) if shape[a] % k == 0])) for a in axes]
+    pool = AvgPool(shape, kernel)
+    x = torch.randn(BATCH, *shape)
+    y = pool(x)
+    torch.testing.assert_close(y.mean(), x.mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pool(pool.inverse(y)), y, atol=1e-6, rtol=0)
+    assert pool.injective == all(k == 1 for k in kernel)
+
+
+def test_non_injective_adapters_lose_information():
+    x = torch.randn(2, 4, 6)
+    crop = ChannelResize((4, 6), 3)
+    assert not crop.injective and crop.surjective
+    assert not torch.allclose(crop.inverse(crop(x)), x)
+    pool = AvgPool((4, 6), (2,))
+    assert not pool.injective and pool.out_shape == (2, 6)
+    assert not torch.allclose(pool.inverse(pool(x)), x)
+
+
+def test_compose_rejects_mismatched_parts():
+    with pytest.raises(ValueError, match=r"\(12, 4, 4\).*\(3, 4, 4\)"):
+        Compose(SpaceToDepth((3, 8, 8), 2), Flatten((3, 4, 4)))
+
+
+@FAST
+@given(adapter_pairs(), st.integers(1, 8), st.integers(0, 3), st.integers(0, 2**31 - 1))
+def test_coupler_inverse_and_shape(pair, hidden, n_layers, seed):
+    in_shape, out_shape = pair
+    torch.manual_seed(seed)
+    coupler = Coupler(in_shape, out_shape, hidden, n_layers)
+    randomize(coupler)
+    x = torch.randn(BATCH, *in_shape)
+    y = coupler(x)
+    assert tuple(y.shape) == (BATCH, *out_shape)
+    if n_layers:
+        assert not torch.allclose(y, coupler.adapter(x)), "randomized couplings should change the output"
+    if coupler.injective:
+        torch.testing.assert_close(coupler.inverse(y), x, atol=1e-5, rtol=0)
+    if coupler.adapter.surjective:
+        target = torch.randn(BATCH, *out_shape)
+        torch.testing.assert_close(coupler(coupler.inverse(target)), target, atol=1e-5, rtol=0)
+
+
+@FAST
+@given(st.one_of(vectors, sequences, images), st.integers(1, 16))
+def test_fresh_coupler_with_identity_adapter_is_identity(shape, hidden):
+    coupler = Coupler(shape, shape, hidden)
+    assert coupler.bijective
+    x = torch.randn(BATCH, *shape)
+    assert (coupler(x) - x).abs().max().item() <= 1e-6
+
+
+def test_feature_size_one_coupling_is_a_learned_offset():
+    layer = AdditiveCoupling((5, 1), hidden=4)
+    with torch.no_grad():
+        layer.offset.fill_(0.5)
+    x = torch.randn(2, 5, 1)
+    torch.testing.assert_close(layer(x), x + 0.5)
+    torch.testing.assert_close(layer.inverse(layer(x)), x)
+    assert Coupler.for_budget((5, 1), (5, 1), flop_budget=10**6, min_hidden=4).hidden == 4
+
+
+@FAST
+@given(st.one_of(vectors, sequences, images), st.integers(1, 8), st.integers(1, 3), st.integers(1, 4))
+def test_flops_count_every_multiply_add(shape, hidden, n_layers, batch):
+    d = shape[0] if len(shape) == 3 else shape[-1]
+    coupler = Coupler(shape, shape, hidden, n_layers)
+    if d == 1:
+        expected = 0
+    elif len(shape) == 3:  # per pixel: F = 1x1 (d2 -> h) + 3x3 (h -> d1), G the other way round
+        expected = n_layers * batch * shape[1] * shape[2] * 2 * hidden * (d + 9 * d)
+    else:  # per position: F and G are Linear pairs, 2 * hidden * d flops each
+        expected = n_layers * batch * math.prod(shape[:-1]) * 4 * hidden * d
+    assert coupler.flops(batch) == expected
+
+
+@FAST
+@given(adapter_pairs(), st.integers(0, 200_000), st.integers(1, 3))
+def test_for_budget_is_the_largest_hidden_within_budget(pair, budget, n_layers):
+    in_shape, out_shape = pair
+    coupler = Coupler.for_budget(in_shape, out_shape, budget, n_layers=n_layers, min_hidden=2)
+    assert coupler.out_shape == out_shape and len(coupler.layers) == n_layers
+    if Coupler(in_shape, out_shape, 2, n_layers).flops() > budget:
+        assert coupler.hidden == 2
+        return
+    assert coupler.flops() <= budget
+    if Coupler(in_shape, out_shape, 3, n_layers).flops() > Coupler(in_shape, out_shape, 2, n_layers).flops():
+        assert Coupler(in_shape, out_shape, coupler.hidden + 1, n_layers).flops() > budget
+    bigger = Coupler.for_budget(in_shape, out_shape, 2 * budget, n_layers=n_layers, min_hidden=2)
+    assert bigger.hidden >= coupler.hidden
+
+
+def test_for_budget_grows_hidden_with_budget():
+    hiddens = [Coupler.for_budget((3, 8, 8), (12, 4, 4), b).hidden for b in (10**5, 10**6, 10**7)]
+    assert hiddens[0] < hiddens[1] < hiddens[2]
+    assert Coupler.for_budget((64,), (64,), flop_budget=20_000).hidden == 39  # 2 layers * 4 * 64 * 39
+
+
+@st.composite
+def head_pairs(draw: st.DrawFn) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A supported (boundary_shape, output_shape) pair for make_head."""
+    k = draw(st.integers(1, 12))
+    kind = draw(st.sampled_from(["image_class", "image_image", "tokens", "sequence_class", "vector"]))
+    if kind == "image_class":
+        return draw(images), (k,)
+    if kind == "image_image":
+        return draw(images), (k, draw(st.integers(1, 6)), draw(st.integers(1, 6)))
+    if kind == "tokens":
+        t, d = draw(sequences)
+        return (t, d), (t, k)
+    if kind == "sequence_class":
+        return draw(sequences), (k,)
+    return draw(vectors), (k,)
+
+
+@FAST
+@given(head_pairs())
+def test_heads_give_the_output_shape(pair):
+    boundary, output = pair
+    head = make_head(boundary, output)
+    out = head(torch.randn(BATCH, *boundary))
+    assert tuple(out.shape) == (BATCH, *output)
+    out.sum().backward()
+    assert all(p.grad is not None for p in head.parameters())
+
+
+@pytest.mark.parametrize(
+    ("in_shape", "out_shape"),
+    [
+        ((4,), (2, 3, 3)),  # vector -> image
+        ((3, 8, 8), (5, 10)),  # image -> sequence
+        ((5, 4), (6, 4)),  # sequence length changes
+        ((3, 8, 8), (3, 4, 2)),  # H and W scale differently
+        ((3, 6, 6), (3, 4, 4)),  # non-integer scale
+        ((3, 4, 4), (3, 8, 4)),  # upsampling H only
+    ],
+)
+def test_unsupported_adapters_raise_naming_both_shapes(in_shape, out_shape):
+    with pytest.raises(ValueError) as info:
+        make_adapter(in_shape, out_shape)
+    assert str(in_shape) in str(info.value) and str(out_shape) in str(info.value)
+    with pytest.raises(ValueError):
+        Coupler(in_shape, out_shape, hidden=4)
+
+
+@pytest.mark.parametrize("bad", [(), (0,), (3, 0), (1, 2, 3, 4), (2, -1, 3)])
+def test_invalid_shapes_raise(bad):
+    with pytest.raises(ValueError, match="per-sample"):
+        make_adapter(bad, (3,))
+
+
+@pytest.mark.parametrize(
+    ("boundary", "output"),
+    [((4,), (2, 3, 3)), ((5, 4), (2, 3, 3)), ((5, 4), (6, 4)), ((3, 8, 8), (5, 10)), ((4,), (5, 4))],
+)
+def test_unsupported_heads_raise_naming_both_shapes(boundary, output):
+    with pytest.raises(ValueError) as info:
+        make_head(boundary, output)
+    assert str(boundary) in str(info.value) and str(output) in str(info.value)
+
+
+def test_wrong_inputs_raise():
+    coupler = Coupler((3, 8, 8), (12, 4, 4), hidden=4)
+    with pytest.raises(ValueError, match=r"\(B, \*\(3, 8, 8\)\).*\(2, 3, 4, 4\)"):
+        coupler(torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="floating-point"):
+        coupler(torch.zeros(2, 3, 8, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="inverse"):
+        coupler.inverse(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError):
+        Coupler((4,), (4,), hidden=4, n_layers=-1)
+    with pytest.raises(ValueError):
+        Coupler.for_budget((4,), (4,), flop_budget=-1)
