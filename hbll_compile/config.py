@@ -34,6 +34,9 @@ class HBLLConfig:
         coupler_layers: additive coupling layers per coupler.
         local_head_weight: weight λ of the local-head losses (0 disables heads under ``"hbll"``).
         consistency_weight: weight of each coupler's consistency term ``‖C_v(h_a) − sg(h_b)‖²``.
+        coupler_path_weight: weight of the task loss through a coupler's own path. DESIGN §2 adds it
+            (weight 1); measured on MNIST it made couplers better classifiers but worse models of
+            the blocks they stand for, and cost accuracy, so the default is 0 (BENCHMARKS.md).
         seed: seeds the initialisation of couplers and heads, so compiling twice gives the same model.
     """
 
@@ -45,6 +48,7 @@ class HBLLConfig:
     coupler_layers: int = 2
     local_head_weight: float = 0.0
     consistency_weight: float = 1.0
+    coupler_path_weight: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -123,11 +123,15 @@ class HBLLModel(nn.Module):
         return torch.func.functional_call(block, state, args)
 
     def run_coupler(self, node: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
-        """Coupler of tree node ``node`` on its span's left boundary (block 1 first, for token inputs)."""
+        """Coupler of tree node ``node`` on its span's left boundary: block 1 first for token inputs,
+        block N last for spans that end at the output (see :mod:`hbll_compile.passes.couplers`)."""
         plan = self._plan[node]
         if plan.source != plan.span[0]:
             h = self.run_block_frozen(1, h, env)
-        return self.couplers[str(node)](h)
+        h = self.couplers[str(node)](h)
+        if plan.sink != plan.span[1]:
+            h = self.run_block_frozen(plan.span[1], h, env)
+        return h
 
     def run_node(self, node: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         """A tree node as a fixed map: its coupler, or its block (frozen) for a leaf."""
@@ -192,6 +196,7 @@ class HBLLModel(nn.Module):
             else:
                 plan = self._plan[node.id]
                 total += plan.flops + (per_block[0] if plan.source != plan.span[0] else 0)
+                total += per_block[plan.span[1] - 1] if plan.sink != plan.span[1] else 0
         return int(total)
 
     def depth_report(self, loader: Iterable[Sequence[torch.Tensor]]) -> list[dict[str, float]]:

@@ -1,16 +1,22 @@
 """Build one coupler per internal tree node (DESIGN §1, "Coupler").
 
-A coupler for node v with span (a, b] maps boundary a to an estimate of boundary b. Its FLOP budget
-is ``config.coupler_cost`` times the per-sample FLOPs of the span it stands for. Where the span starts
-at the model input and that input is not a float tensor (token ids), the coupler first runs block 1
-exactly (as a fixed feature extractor) and couples from boundary 1.
+A coupler for node v with span (a, b] maps boundary a to an estimate of boundary b. Two ends are
+special, and there the coupler runs one of the model's own blocks exactly, as a fixed map:
+- where the span starts at the model input and that input is not a float tensor (token ids), it first
+  runs block 1 and couples from boundary 1 (``source = 1``);
+- where the span ends at the model output (b = N > a + 1), it couples into boundary N-1 and then runs
+  block N, the model's own head (``sink = N - 1``). DESIGN §1 crops channels into the logits instead;
+  measured on MNIST, keeping the real head in every path was far more accurate (BENCHMARKS.md).
+
+The learned part's FLOP budget is ``config.coupler_cost`` times the per-sample FLOPs of the blocks it
+stands in for (``source`` + 1 .. ``sink``).
 
 Example:
     >>> import torch, hbll_compile as hc
     >>> net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
     >>> m = hc.hbll_compile(net, (torch.randn(2, 8),), blocks=4)
-    >>> [(p.span, p.source) for p in m.coupler_plans]
-    [((0, 4), 0), ((0, 2), 0), ((2, 4), 2)]
+    >>> [(p.span, p.source, p.sink) for p in m.coupler_plans]
+    [((0, 4), 0, 3), ((0, 2), 0, 2), ((2, 4), 2, 3)]
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ class CouplerPlan:
     node: int
     span: tuple[int, int]
     source: int
-    """The boundary the coupler reads: ``span[0]``, or 1 when it first runs block 1 on token ids."""
+    """The boundary the learned part reads: ``span[0]``, or 1 when it first runs block 1 on token ids."""
+    sink: int
+    """The boundary the learned part writes: ``span[1]``, or N-1 when block N finishes the coupler."""
     budget: int
     flops: int
     hidden: int
@@ -49,11 +57,12 @@ def build_couplers(
         for node in tree.internal_nodes:
             a, b = node.span
             source = 1 if a == 0 and not _is_float(boundaries[0]) else a
-            budget = max(1, int(config.coupler_cost * sum(per_sample[source:b])))
-            coupler = Coupler.for_budget(boundaries[source].shape, boundaries[b].shape, budget,
+            sink = b - 1 if b == tree.n_blocks and b - 1 > source else b
+            budget = max(1, int(config.coupler_cost * sum(per_sample[source:sink])))
+            coupler = Coupler.for_budget(boundaries[source].shape, boundaries[sink].shape, budget,
                                          n_layers=config.coupler_layers)
             couplers[str(node.id)] = coupler
-            plans.append(CouplerPlan(node.id, node.span, source, budget, coupler.flops(), coupler.hidden))
+            plans.append(CouplerPlan(node.id, node.span, source, sink, budget, coupler.flops(), coupler.hidden))
     return couplers, plans
 
 

@@ -64,10 +64,13 @@ def coupler_loss(
     units: Units, node: int, path: Sequence[int], h_a: torch.Tensor, target: torch.Tensor,
     y: torch.Tensor, env: Env,
 ) -> torch.Tensor:
-    """Consistency to ``target`` (weighted by ``config.consistency_weight``) plus the path loss."""
+    """Consistency to ``target`` plus the path loss, weighted by ``config.consistency_weight`` and
+    ``config.coupler_path_weight``."""
     prediction = units.run_coupler(node, h_a, env)
-    weight = units.config.consistency_weight
-    return weight * consistency(prediction, target) + path_loss(units, path, prediction, y, env)
+    loss = units.config.consistency_weight * consistency(prediction, target)
+    if units.config.coupler_path_weight:
+        loss = loss + units.config.coupler_path_weight * path_loss(units, path, prediction, y, env)
+    return loss
 
 
 def head_loss(units: Units, i: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

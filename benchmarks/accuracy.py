@@ -1,0 +1,157 @@
+"""Accuracy benchmarks: BP vs DGL vs HBLL on the same networks, same data, same loop, several seeds.
+
+Every run builds the network from its seed, compiles it with ``hbll_compile`` under the objective
+being measured, and trains it with ``AdamW(lr=1e-3)`` through ``m.training_step`` (exactly the user
+loop). Results are appended as JSON lines and summarised as markdown tables (mean ± std over seeds),
+with the depth report of each HBLL run.
+
+Examples (the commands behind BENCHMARKS.md):
+    python benchmarks/accuracy.py --suite resmlp --blocks 4 8 16 --seeds 0 1 2 --epochs 5
+    python benchmarks/accuracy.py --suite cnn --blocks 4 8 --seeds 0 1 2 --epochs 5
+    python benchmarks/accuracy.py --suite chargpt --blocks 4 --objectives bp hbll --seeds 0 --steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+class MnistCNN(nn.Module):
+    """A plain CNN with BatchNorm for 28x28 digits: six conv-BN-ReLU layers, two poolings, a linear head."""
+
+    def __init__(self, channels: tuple[int, ...] = (16, 16, 32, 32, 64, 64), classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 1
+        for i, c in enumerate(channels):
+            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+            if i in (1, 3):
+                layers.append(nn.MaxPool2d(2))
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c_in, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+def _mnist_run(suite: str, objective: str, n: int, seed: int, epochs: int, config: dict) -> dict[str, Any]:
+    import hbll_compile as hc
+    from hbll_compile.data import load_mnist8k, make_loaders
+    from hbll_compile.runtime.trainer import evaluate
+
+    train, test = load_mnist8k(flatten=suite == "resmlp")
+    torch.manual_seed(seed)
+    if suite == "resmlp":
+        from mnist_resmlp import build_model
+
+        net = build_model(width=256, depth=16)
+    else:
+        net = MnistCNN()
+    m = hc.hbll_compile(net, (train.tensors[0][:2],), blocks=n, loss=F.cross_entropy,
+                        config=hc.HBLLConfig(objective=objective, seed=seed, **config))
+    train_loader, test_loader = make_loaders(train, test, batch_size=128, seed=seed)
+    start = time.perf_counter()
+    m.fit(train_loader, epochs, torch.optim.AdamW(m.parameters(), lr=1e-3), progress=False)
+    seconds = time.perf_counter() - start
+    row = {"accuracy": evaluate(m, test_loader)["accuracy"], "train_seconds": seconds,
+           "critical_path": m.schedule.critical_path()}
+    if objective == "hbll":
+        row["depth_report"] = m.depth_report(test_loader)
+    return row
+
+
+def _chargpt_run(objective: str, n: int, seed: int, steps: int, config: dict) -> dict[str, Any]:
+    from charlm_gpt import parser, train
+
+    args = parser().parse_args(["--steps", str(steps), "--blocks", str(n), "--seed", str(seed)])
+    start = time.perf_counter()
+    ppl, m = train(objective, args)
+    return {"perplexity": ppl, "train_seconds": time.perf_counter() - start,
+            "critical_path": m.schedule.critical_path()}
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    if job["suite"] == "chargpt":
+        result = _chargpt_run(job["objective"], job["blocks"], job["seed"], job["steps"], job["config"])
+    else:
+        result = _mnist_run(job["suite"], job["objective"], job["blocks"], job["seed"], job["epochs"], job["config"])
+    return {**job, **result}
+
+
+def summarise(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one row per (suite, N, objective, config) with mean ± std over seeds."""
+    metric = "perplexity" if rows and rows[0]["suite"] == "chargpt" else "accuracy"
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["suite"], r["blocks"], r["objective"], json.dumps(r["config"])), []).append(r)
+    lines = [f"| suite | N | objective | config | {metric} | seeds | critical path | train s/run |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (suite, n, objective, config), rs in sorted(groups.items()):
+        values = [r[metric] * (100 if metric == "accuracy" else 1) for r in rs]
+        spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        lines.append(f"| {suite} | {n} | {objective} | {config if config != '{}' else '-'} | "
+                     f"{statistics.mean(values):.2f}{spread} | {len(rs)} | {rs[0]['critical_path']} | "
+                     f"{statistics.mean(r['train_seconds'] for r in rs):.0f} |")
+    depth_rows = [r for r in rows if r.get("depth_report")]
+    if depth_rows:
+        lines += ["", "Depth report of the HBLL runs (mean accuracy over seeds; MFLOPs per sample):", "",
+                  "| suite | N | config | " + " | ".join(f"depth {d}" for d in range(len(depth_rows[0]["depth_report"])))
+                  + " |", "| --- | --- | --- |" + " --- |" * len(depth_rows[0]["depth_report"])]
+        by_n: dict[tuple, list[dict]] = {}
+        for r in depth_rows:
+            by_n.setdefault((r["suite"], r["blocks"], json.dumps(r["config"])), []).append(r)
+        for (suite, n, config), rs in sorted(by_n.items()):
+            cells = []
+            for d in range(len(rs[0]["depth_report"])):
+                acc = statistics.mean(r["depth_report"][d]["accuracy"] for r in rs) * 100
+                cells.append(f"{acc:.1f}% ({rs[0]['depth_report'][d]['flops'] / 1e6:.2f})")
+            lines.append(f"| {suite} | {n} | {config if config != '{}' else '-'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=("resmlp", "cnn", "chargpt"), required=True)
+    p.add_argument("--blocks", type=int, nargs="+", default=[8])
+    p.add_argument("--objectives", nargs="+", default=["bp", "dgl", "hbll"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--steps", type=int, default=600, help="training steps (chargpt)")
+    p.add_argument("--config", type=json.loads, default={}, help='extra HBLLConfig fields as JSON, e.g. {"inputs": "tree"}')
+    p.add_argument("--jobs", type=int, default=2, help="parallel runs (one thread each)")
+    p.add_argument("--out", default=None, help="JSON-lines file to append results to")
+    args = p.parse_args(argv)
+    jobs = [{"suite": args.suite, "objective": o, "blocks": n, "seed": s, "epochs": args.epochs,
+             "steps": args.steps, "config": args.config if o == "hbll" else {}}
+            for n in args.blocks for o in args.objectives for s in args.seeds]
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"accuracy_{args.suite}.jsonl")
+    rows = []
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for row in pool.map(run_one, jobs):
+            rows.append(row)
+            metric = row.get("accuracy", row.get("perplexity"))
+            print(f"{row['suite']} N={row['blocks']} {row['objective']} seed {row['seed']}: {metric:.4f} "
+                  f"({row['train_seconds']:.0f}s)", flush=True)
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    print(summarise(rows))
+
+
+if __name__ == "__main__":
+    main()
