@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 class MnistCNN(nn.Module):
     """A plain CNN with BatchNorm for 28x28 digits: six conv-BN-ReLU layers, two poolings, a linear head."""
 
-    def __init__(self, channels: tuple[int, ...] = (16, 16, 32, 32, 64, 64), classes: int = 10) -> None:
+    def __init__(self, channels: tuple[int, ...] = (8, 8, 16, 16, 32, 32), classes: int = 10) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 1

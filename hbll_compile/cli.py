@@ -1,7 +1,7 @@
 """The ``hbll`` command.
 
 Example:
-    hbll inspect examples/models.py:resnet --input-shape 4,3,32,32 --blocks 4 --png tree.png
+    hbll inspect examples/cifar10_resnet.py:build_model --input-shape 4,3,32,32 --blocks 4 --png tree.png
     hbll inspect mymodel.py:build --input-shape 2,64 --dtype int64
 """
 

@@ -133,7 +133,8 @@ def _write_batch(path: Path, start: int, n: int, label_key: bytes) -> None:
         pickle.dump(batch, fh)
 
 
-def _write_cifar10(folder: Path) -> None:
+def write_cifar10(folder: Path) -> None:
+    """A tiny CIFAR-10 folder in the exact python-batch format (15 train, 4 test images)."""
     folder.mkdir(parents=True)
     for i in range(1, 6):
         _write_batch(folder / f"data_batch_{i}", start=10 * i, n=3, label_key=b"labels")
@@ -147,7 +148,7 @@ def _red_values(x: torch.Tensor, mean: float, std: float) -> list[int]:
 @pytest.mark.parametrize("nested", [True, False], ids=["root", "batches-folder"])
 def test_cifar10_layouts(tmp_path: Path, nested: bool) -> None:
     folder = tmp_path / "cifar-10-batches-py"
-    _write_cifar10(folder)
+    write_cifar10(folder)
     train, test = load_cifar10(tmp_path if nested else folder)
     x, y = train.tensors
     assert x.shape == (15, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
