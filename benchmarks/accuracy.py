@@ -9,6 +9,7 @@ Examples (the commands behind BENCHMARKS.md):
     python benchmarks/accuracy.py --suite resmlp --blocks 4 8 16 --seeds 0 1 2 --epochs 5
     python benchmarks/accuracy.py --suite cnn --blocks 4 8 --seeds 0 1 2 --epochs 5
     python benchmarks/accuracy.py --suite chargpt --blocks 4 --objectives bp hbll --seeds 0 --steps 600
+    python benchmarks/accuracy.py --suite resmlp --summarise benchmarks/results/accuracy_resmlp.jsonl
 """
 
 from __future__ import annotations
@@ -136,7 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", type=json.loads, default={}, help='extra HBLLConfig fields as JSON, e.g. {"inputs": "tree"}')
     p.add_argument("--jobs", type=int, default=2, help="parallel runs (one thread each)")
     p.add_argument("--out", default=None, help="JSON-lines file to append results to")
+    p.add_argument("--summarise", default=None, metavar="FILE", help="only print the tables of a JSON-lines file")
     args = p.parse_args(argv)
+    if args.summarise:
+        print(summarise([json.loads(line) for line in Path(args.summarise).read_text().splitlines() if line]))
+        return
     jobs = [{"suite": args.suite, "objective": o, "blocks": n, "seed": s, "epochs": args.epochs,
              "steps": args.steps, "config": args.config if o == "hbll" else {}}
             for n in args.blocks for o in args.objectives for s in args.seeds]

@@ -30,7 +30,9 @@ class HBLLConfig:
             ``corrections`` Parareal sweeps). See DESIGN §2.
         corrections: K, the number of correction sweeps in tree mode.
         correction: ``"parareal"`` or ``"jacobi"`` correction sweeps.
-        coupler_cost: each coupler's FLOP budget, as a fraction of the FLOPs of the span it stands for.
+        coupler_cost: each coupler's FLOP budget, as a fraction of the FLOPs of the blocks it stands in
+            for. Measured on MNIST (BENCHMARKS.md), 0.05 trained as well as 0.25, 1 or 2 and keeps one
+            HBLL step under 2x BP's FLOPs, so it is the default; raise it for better shallow subnetworks.
         coupler_layers: additive coupling layers per coupler.
         local_head_weight: weight λ of the local-head losses (0 disables heads under ``"hbll"``).
         consistency_weight: weight of each coupler's consistency term ``‖C_v(h_a) − sg(h_b)‖²``.
@@ -44,7 +46,7 @@ class HBLLConfig:
     inputs: str = "wavefront"
     corrections: int = 2
     correction: str = "parareal"
-    coupler_cost: float = 1.0
+    coupler_cost: float = 0.05
     coupler_layers: int = 2
     local_head_weight: float = 0.0
     consistency_weight: float = 1.0

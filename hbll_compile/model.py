@@ -73,6 +73,7 @@ class HBLLModel(nn.Module):
         self.config = config or HBLLConfig()
         self.report = report or {}
         self._executor = Executor(schedule, self)
+        self._needs_isolation = _needs_isolation(self.blocks)
         self.train(model.training)
 
     # -- state sharing -------------------------------------------------------------------------
@@ -117,9 +118,11 @@ class HBLLModel(nn.Module):
         """Block i as a fixed function: no gradient reaches its parameters and, in train mode, its
         running statistics (BatchNorm) are not updated. Used inside paths and estimates."""
         block = self.blocks[i - 1]
+        args = (h, *(env[name] for name in self.specs[i - 1].context))
+        if not self._needs_isolation[i - 1]:
+            return block(*args)  # backward(inputs=...) already keeps its parameters out of the update
         state = {name: p.detach() for name, p in block.named_parameters()}
         state.update((name, b.clone()) for name, b in block.named_buffers())
-        args = (h, *(env[name] for name in self.specs[i - 1].context))
         return torch.func.functional_call(block, state, args)
 
     def run_coupler(self, node: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
@@ -255,3 +258,16 @@ class _Null:
 
     def flush(self) -> None:
         pass
+
+
+def _needs_isolation(blocks: nn.ModuleList) -> list[bool]:
+    """Blocks that must run on detached copies of their state when used as a fixed map: those with
+    buffers (BatchNorm statistics must not move) or with a parameter shared with another block (a
+    tied weight would otherwise collect gradient through another unit's path)."""
+    owners: dict[int, set[int]] = {}
+    for i, block in enumerate(blocks):
+        for p in block.parameters():
+            owners.setdefault(id(p), set()).add(i)
+    shared = {i for users in owners.values() if len(users) > 1 for i in users}
+    return [i in shared or any(True for _ in block.buffers()) for i, block in enumerate(blocks)]
+

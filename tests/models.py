@@ -218,6 +218,33 @@ class TwoInputs(nn.Module):
         return self.head(h)
 
 
+class MixerLayer(nn.Module):
+    def __init__(self, tokens: int, dim: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.token_mlp = nn.Sequential(nn.Linear(tokens, 2 * tokens), nn.GELU(), nn.Linear(2 * tokens, tokens))
+        self.channel_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.token_mlp(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channel_mlp(self.norm2(x))
+
+
+class MLPMixer(nn.Module):
+    """MLP-Mixer: patch embedding by a strided conv, token- and channel-mixing MLPs, mean pooling."""
+
+    def __init__(self, image: int = 16, patch: int = 4, dim: int = 24, layers: int = 4, classes: int = 10) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, stride=patch)
+        self.layers = nn.Sequential(*[MixerLayer((image // patch) ** 2, dim) for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.layers(h)).mean(dim=1))
+
+
 class DataDependent(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -265,6 +292,7 @@ ZOO: dict[str, Case] = {c.name: c for c in [
     Case("resnet", ResNet, lambda b: (torch.randn(b, 3, 16, 16),), (2, 4, 8)),
     Case("gpt", GPT, lambda b: (torch.randint(0, 50, (b, 16)),), (2, 4, 8)),
     Case("inception", Inception, lambda b: (torch.randn(b, 3, 12, 12),), (2, 4)),
+    Case("mixer", MLPMixer, lambda b: (torch.randn(b, 3, 16, 16),), (2, 4, 8)),
     Case("masked", MaskedEncoder, lambda b: (torch.randint(0, 30, (b, 7)),), (2, 4)),
     Case("two_inputs", TwoInputs, lambda b: (torch.randn(b, 1, 8, 8), torch.randn(b, 6)), (2, 4)),
 ]}

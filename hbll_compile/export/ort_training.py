@@ -379,7 +379,9 @@ def _write_unit(
         m.train(was_training)
     torch_names = _param_names(objective)
     wanted = [torch_names[id(p)] for p in dict.fromkeys(unit.trainable) if id(p) in torch_names and p.requires_grad]
-    model = optimize_for_training(onnx.load(str(forward_path)), set(wanted))
+    model = onnx.load(str(forward_path))
+    batchnorm_training_mode(model)
+    model = optimize_for_training(model, set(wanted))
     lower_ir(model)
     add_gradient_outputs(model)
     onnx.save(model, str(forward_path))
@@ -408,6 +410,8 @@ def _write_unit(
         file = directory / name
         proto = onnx.load(str(file))
         lower_ir(proto)
+        if name == "eval_model.onnx":
+            batchnorm_inference_outputs(proto)
         onnx.save(proto, str(file))
 
     def describe(name: str, value: torch.Tensor, role: str) -> dict[str, Any]:
@@ -452,6 +456,11 @@ def _param_names(module: nn.Module) -> dict[int, str]:
     return out
 
 
+_UNSAFE_REWRITES = ("FuseBatchNorm", "RemoveOptionalBias")
+"""onnxscript rewrites that assume inference: folding BatchNormalization into the convolution before it
+(train mode normalises with batch statistics) and dropping biases that are zero now (but train)."""
+
+
 def optimize_for_training(model: Any, trainable: set[str]) -> Any:
     """Simplify an unoptimised dynamo export for onnxruntime-training: fold constants and apply
     onnxscript's default rewrites (``SplitToSequence`` + ``SequenceAt`` become ``Split``, which has a
@@ -470,10 +479,13 @@ def optimize_for_training(model: Any, trainable: set[str]) -> Any:
     graph.initializer.extend(kept)
     graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in held)
 
+    rules = [rule for rule in getattr(rewriter, "_DEFAULT_REWRITE_RULES", ())
+             if not str(getattr(rule, "name", None) or "").startswith(_UNSAFE_REWRITES)]
     ir_model = ir.serde.deserialize_model(model)
     for _ in range(2):
         optimizer.fold_constants(ir_model)
-        ir_model = rewriter.rewrite(ir_model)
+        if rules and os.environ.get("HBLL_NO_REWRITE") is None:
+            ir_model = rewriter.rewrite(ir_model, rules)
         optimizer.remove_unused_nodes(ir_model)
     out = ir.serde.serialize_model(ir_model)
 
@@ -483,6 +495,35 @@ def optimize_for_training(model: Any, trainable: set[str]) -> Any:
     out.graph.input.extend(inputs)
     out.graph.initializer.extend(held)
     return out
+
+
+def batchnorm_training_mode(model: Any) -> None:
+    """Mark every ``BatchNormalization`` as training mode (batch statistics), in place. The objective is
+    exported in train mode, where torch normalises with batch statistics, but the dynamo exporter writes
+    BatchNormalization in its inference form (running statistics). The eval model that
+    onnxruntime-training derives switches them back to running statistics."""
+    import onnx
+
+    for k, node in enumerate(model.graph.node):
+        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+            kept = [a for a in node.attribute if a.name != "training_mode"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, onnx.helper.make_attribute("training_mode", 1)])
+            while len(node.output) < 3:  # training mode also outputs the updated running statistics
+                node.output.append(f"{node.name or 'batchnorm'}_{k}_running{len(node.output)}")
+
+
+def batchnorm_inference_outputs(model: Any) -> None:
+    """Drop the running-statistics outputs of inference-mode ``BatchNormalization`` nodes (in place):
+    onnxruntime-training's eval model switches training mode off but keeps the three outputs, which
+    ONNX allows only in training mode."""
+    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization" or len(node.output) == 1:
+            continue
+        training = any(a.name == "training_mode" and a.i for a in node.attribute)
+        if not training and not any(name in used for name in node.output[1:]):
+            del node.output[1:]
 
 
 _GRADIENT_OUTPUTS = {"SoftmaxCrossEntropyLoss": 2, "LayerNormalization": 3, "Dropout": 2, "MaxPool": 2}

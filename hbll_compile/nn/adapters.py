@@ -395,6 +395,34 @@ def _to_vector(in_shape: Shape, dim: int) -> ShapeAdapter:
     return _chain(pool, flat, ChannelResize(flat.out_shape, dim))
 
 
+class Unflatten(ShapeAdapter):
+    """Reshape a vector into a per-sample shape: the inverse of :class:`Flatten`. Bijective.
+
+    Example:
+        >>> Unflatten(48, (3, 4, 4)).out_shape
+        (3, 4, 4)
+    """
+
+    def __init__(self, size: int, out_shape: Sequence[int]) -> None:
+        out_shape = as_shape(out_shape)
+        if math.prod(out_shape) != size:
+            raise ValueError(f"cannot unflatten {size} features into {out_shape}")
+        super().__init__((size,), out_shape)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(1, self.out_shape)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y.flatten(1)
+
+
+def _through_vector(in_shape: Shape, out_shape: Shape) -> ShapeAdapter:
+    """The fallback for any pair of shapes: flatten, pad or crop to the output's size, reshape."""
+    flat = Flatten(in_shape)
+    size = math.prod(out_shape)
+    return _chain(flat, ChannelResize(flat.out_shape, size), Unflatten(size, out_shape))
+
+
 def _image_to_image(in_shape: Shape, out_shape: Shape) -> ShapeAdapter:
     (_, h, w), (c2, h2, w2) = in_shape, out_shape
     if (h, w) == (h2, w2):
@@ -406,16 +434,13 @@ def _image_to_image(in_shape: Shape, out_shape: Shape) -> ShapeAdapter:
         f = h2 // h
         resize = ChannelResize(in_shape, c2 * f * f)
         return _chain(resize, DepthToSpace(resize.out_shape, f))
-    raise ValueError(
-        f"cannot adapt image {in_shape} to image {out_shape}: H and W must both scale by the same "
-        "integer factor (up or down); choose block boundaries with compatible resolutions"
-    )
+    return _through_vector(in_shape, out_shape)
 
 
 def make_adapter(in_shape: Sequence[int], out_shape: Sequence[int]) -> ShapeAdapter:
     """Build the parameter-free adapter from ``in_shape`` to ``out_shape``.
 
-    Rules (anything else raises ValueError):
+    Rules:
 
     * equal shapes: ``Identity``;
     * image -> image with the same H, W: ``ChannelResize``;
@@ -427,13 +452,18 @@ def make_adapter(in_shape: Sequence[int], out_shape: Sequence[int]) -> ShapeAdap
     * image or sequence -> vector (D,): average-pool the spatial axes to the finest grid
       whose flattened size fits in D (global pooling if none fits), ``Flatten``, then
       ``ChannelResize`` to D. When the whole input fits in D nothing is pooled and the
-      adapter is injective; otherwise it is not.
+      adapter is injective; otherwise it is not;
+    * any other pair (an image into tokens, images whose resolutions do not scale by one
+      integer factor): ``Flatten``, ``ChannelResize`` to the output's size, ``Unflatten``
+      (injective iff the input is not larger than the output).
 
     Example:
         >>> make_adapter((64, 8, 8), (10,)).out_shape
         (10,)
         >>> make_adapter((3, 4, 4), (64,)).injective
         True
+        >>> make_adapter((3, 16, 16), (16, 24)).out_shape
+        (16, 24)
     """
     src, dst = as_shape(in_shape), as_shape(out_shape)
     if src == dst:
@@ -444,8 +474,4 @@ def make_adapter(in_shape: Sequence[int], out_shape: Sequence[int]) -> ShapeAdap
         return ChannelResize(src, dst[-1])
     if len(dst) == 1:
         return _to_vector(src, dst[0])
-    raise ValueError(
-        f"no shape adapter from {src} to {dst}; supported: image->image with an integer scale "
-        "factor, (T, D)->(T, D'), vector->vector, and image or sequence->vector; "
-        "choose block boundaries whose shapes fit one of these"
-    )
+    return _through_vector(src, dst)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from hbll_compile.config import HBLLConfig
+from hbll_compile.errors import CompileError
 from hbll_compile.ir import BlockSpec, Boundary, Tree
 from hbll_compile.nn.coupling import Coupler
 
@@ -59,8 +60,14 @@ def build_couplers(
             source = 1 if a == 0 and not _is_float(boundaries[0]) else a
             sink = b - 1 if b == tree.n_blocks and b - 1 > source else b
             budget = max(1, int(config.coupler_cost * sum(per_sample[source:sink])))
-            coupler = Coupler.for_budget(boundaries[source].shape, boundaries[sink].shape, budget,
-                                         n_layers=config.coupler_layers)
+            try:
+                coupler = Coupler.for_budget(boundaries[source].shape, boundaries[sink].shape, budget,
+                                             n_layers=config.coupler_layers)
+            except ValueError as err:
+                raise CompileError(f"cannot build the coupler of span {node.span}: {err}",
+                                   node=f"boundary {source} ({boundaries[source].node})",
+                                   remedy="choose another block count, or train with objective='dgl' or 'bp', "
+                                   "which need no couplers") from err
             couplers[str(node.id)] = coupler
             plans.append(CouplerPlan(node.id, node.span, source, sink, budget, coupler.flops(), coupler.hidden))
     return couplers, plans

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from hbll_compile.config import HBLLConfig
+from hbll_compile.errors import CompileError
 from hbll_compile.ir import Boundary
 from hbll_compile.nn.heads import make_head
 
@@ -35,5 +36,11 @@ def build_heads(boundaries: list[Boundary], config: HBLLConfig) -> nn.ModuleDict
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 1)
         for boundary in boundaries[1:-1]:
-            heads[str(boundary.index)] = make_head(boundary.shape, output)
+            try:
+                heads[str(boundary.index)] = make_head(boundary.shape, output)
+            except ValueError as err:
+                raise CompileError(f"cannot build a local head at boundary {boundary.index}: {err}",
+                                   node=boundary.node,
+                                   remedy="set local_head_weight=0 (objective 'hbll'), or choose another block count"
+                                   ) from err
     return heads

@@ -1,0 +1,165 @@
+"""Speed benchmark: per-step wall time, FLOPs and critical path of BP against HBLL on the same network.
+
+For each configuration it builds a residual-MLP stack of N blocks (one residual block per HBLL block),
+and times ``m.training_step`` + ``optimizer.step()`` under ``objective="bp"`` and ``"hbll"``, both run by
+the same executor. FLOPs per step are counted with ``torch.utils.flop_counter.FlopCounterMode``; peak
+memory is reported on CUDA devices. On a GPU it also times BP as one captured CUDA graph (the strong
+baseline of issue 4).
+
+Examples:
+    python benchmarks/speed.py --blocks 8 32 --width 256 --batch 64 --device cpu
+    python benchmarks/speed.py --blocks 8 32 128 --width 256 1024 --batch 64 512 --device cuda   # GPU rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import hbll_compile as hc
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.relu(self.fc1(self.norm(x))))
+
+
+class Stack(nn.Module):
+    def __init__(self, width: int, depth: int, classes: int = 10) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in range(depth)])
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(objective: str, n: int, width: int, batch: int, device: torch.device, steps: int,
+            config: dict) -> dict[str, float]:
+    torch.manual_seed(0)
+    net = Stack(width, n).to(device)
+    x = torch.randn(batch, width, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    m = hc.hbll_compile(net, (x[:2].cpu(),), blocks=n, loss=F.cross_entropy,
+                        config=hc.HBLLConfig(objective=objective, **config)).to(device)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        m.training_step(x, target=y)
+        opt.step()
+
+    for _ in range(n + 2):  # fill the wavefront pipeline and warm up allocators
+        step()
+    with FlopCounterMode(display=False) as counter:
+        m.training_step(x, target=y)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    row = {"objective": objective, "blocks": n, "width": width, "batch": batch, "device": _device_name(device),
+           "ms_per_step": 1e3 * statistics.median(times), "gflops_per_step": counter.get_total_flops() / 1e9,
+           "critical_path": m.schedule.critical_path()}
+    if device.type == "cuda":
+        row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return row
+
+
+def measure_bp_cuda_graph(n: int, width: int, batch: int, device: torch.device, steps: int) -> dict[str, float]:
+    """The whole BP step (forward, backward, capturable AdamW) captured as one CUDA graph."""
+    torch.manual_seed(0)
+    net = Stack(width, n).to(device)
+    x = torch.randn(batch, width, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, capturable=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=False)
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"objective": "bp-cudagraph", "blocks": n, "width": width, "batch": batch, "device": _device_name(device),
+            "ms_per_step": 1e3 * statistics.median(times), "critical_path": 2 * n}
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--blocks", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--width", type=int, nargs="+", default=[256])
+    p.add_argument("--batch", type=int, nargs="+", default=[64])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--config", type=json.loads, default={}, help="extra HBLLConfig fields for the HBLL rows")
+    p.add_argument("--out", default=None, help="JSON-lines file to append rows to")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    rows = []
+    for n in args.blocks:
+        for width in args.width:
+            for batch in args.batch:
+                bp = measure("bp", n, width, batch, device, args.steps, {})
+                hbll = measure("hbll", n, width, batch, device, args.steps, args.config)
+                hbll["flops_ratio_to_bp"] = hbll["gflops_per_step"] / bp["gflops_per_step"]
+                hbll["speedup_vs_bp"] = bp["ms_per_step"] / hbll["ms_per_step"]
+                rows += [bp, hbll]
+                if device.type == "cuda":
+                    graphed = measure_bp_cuda_graph(n, width, batch, device, args.steps)
+                    hbll["speedup_vs_bp_cudagraph"] = graphed["ms_per_step"] / hbll["ms_per_step"]
+                    rows.append(graphed)
+    if args.out:
+        with Path(args.out).open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    keys = ["device", "objective", "blocks", "width", "batch", "ms_per_step", "gflops_per_step", "flops_ratio_to_bp",
+            "speedup_vs_bp", "speedup_vs_bp_cudagraph", "critical_path", "peak_mem_mb"]
+    print("| " + " | ".join(keys) + " |")
+    print("|" + " --- |" * len(keys))
+    for row in rows:
+        cells = [f"{row[k]:.3g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
