@@ -377,30 +377,24 @@ def _write_unit(
                           node=unit.name, remedy="make the block traceable by torch.export (non-strict)") from err
     finally:
         m.train(was_training)
-    torch_names = _param_names(objective)
-    wanted = [torch_names[id(p)] for p in dict.fromkeys(unit.trainable) if id(p) in torch_names and p.requires_grad]
-    model = onnx.load(str(forward_path))
-    batchnorm_training_mode(model)
-    model = optimize_for_training(model, set(wanted))
+    # a tied parameter has several names; the exporter names its initializer by one of them
+    ids = {id(p) for p in unit.trainable if p.requires_grad}
+    wanted = {name for name, p in objective.named_parameters(remove_duplicate=False) if id(p) in ids}
+    model = optimize_for_training(onnx.load(str(forward_path)), wanted)
     lower_ir(model)
     add_gradient_outputs(model)
     onnx.save(model, str(forward_path))
 
-    initializers = {t.name for t in model.graph.initializer}
-    trainable: dict[str, str] = {}
-    for name in wanted:
-        if name not in initializers:
-            raise ExportError(f"parameter {name} of {unit.name} is not an initializer of its ONNX graph",
-                              node=unit.name, remedy="report the model to hbll-compile")
-        trainable[name] = name.removeprefix("m.")
+    trainable = {t.name: t.name.removeprefix("m.") for t in model.graph.initializer if t.name in wanted}
     if not trainable:
         raise ExportError(f"{unit.name} has no trainable parameter in its graph", node=unit.name,
                           remedy=f"export the other units with units=[...] leaving out {unit.name}")
     optim = artifacts.OptimType.AdamW if optimizer == "AdamW" else artifacts.OptimType.SGD
     try:
         with _ort_quiet():
-            artifacts.generate_artifacts(model, requires_grad=list(trainable), frozen_params=[], loss=None,
-                                         optimizer=optim, artifact_directory=str(directory))
+            artifacts.generate_artifacts(model, requires_grad=list(trainable), loss=None, optimizer=optim,
+                                         frozen_params=frozen_batchnorm(model, trainable),
+                                         artifact_directory=str(directory))
     except Exception as err:  # noqa: BLE001
         raise ExportError(f"onnxruntime-training cannot build the training graph of {unit.name}: "
                           f"{type(err).__name__}: {_first_line(err)}", node=unit.name,
@@ -410,8 +404,6 @@ def _write_unit(
         file = directory / name
         proto = onnx.load(str(file))
         lower_ir(proto)
-        if name == "eval_model.onnx":
-            batchnorm_inference_outputs(proto)
         onnx.save(proto, str(file))
 
     def describe(name: str, value: torch.Tensor, role: str) -> dict[str, Any]:
@@ -448,19 +440,6 @@ def _roles(m: HBLLModel, unit: TrainingUnit) -> list[str]:
     return roles
 
 
-def _param_names(module: nn.Module) -> dict[int, str]:
-    """``id(parameter) -> name`` as the exporters name initializers (first name of a tied tensor)."""
-    out: dict[int, str] = {}
-    for name, p in module.named_parameters():
-        out.setdefault(id(p), name)
-    return out
-
-
-_UNSAFE_REWRITES = ("FuseBatchNorm", "RemoveOptionalBias")
-"""onnxscript rewrites that assume inference: folding BatchNormalization into the convolution before it
-(train mode normalises with batch statistics) and dropping biases that are zero now (but train)."""
-
-
 def optimize_for_training(model: Any, trainable: set[str]) -> Any:
     """Simplify an unoptimised dynamo export for onnxruntime-training: fold constants and apply
     onnxscript's default rewrites (``SplitToSequence`` + ``SequenceAt`` become ``Split``, which has a
@@ -470,7 +449,6 @@ def optimize_for_training(model: Any, trainable: set[str]) -> Any:
     import onnx
     import onnx_ir as ir
     import onnxscript.optimizer as optimizer
-    import onnxscript.rewriter as rewriter
 
     graph = model.graph
     held = [t for t in graph.initializer if t.name in trainable]
@@ -479,13 +457,9 @@ def optimize_for_training(model: Any, trainable: set[str]) -> Any:
     graph.initializer.extend(kept)
     graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in held)
 
-    rules = [rule for rule in getattr(rewriter, "_DEFAULT_REWRITE_RULES", ())
-             if not str(getattr(rule, "name", None) or "").startswith(_UNSAFE_REWRITES)]
     ir_model = ir.serde.deserialize_model(model)
     for _ in range(2):
         optimizer.fold_constants(ir_model)
-        if rules and os.environ.get("HBLL_NO_REWRITE") is None:
-            ir_model = rewriter.rewrite(ir_model, rules)
         optimizer.remove_unused_nodes(ir_model)
     out = ir.serde.serialize_model(ir_model)
 
@@ -497,33 +471,17 @@ def optimize_for_training(model: Any, trainable: set[str]) -> Any:
     return out
 
 
-def batchnorm_training_mode(model: Any) -> None:
-    """Mark every ``BatchNormalization`` as training mode (batch statistics), in place. The objective is
-    exported in train mode, where torch normalises with batch statistics, but the dynamo exporter writes
-    BatchNormalization in its inference form (running statistics). The eval model that
-    onnxruntime-training derives switches them back to running statistics."""
-    import onnx
-
-    for k, node in enumerate(model.graph.node):
-        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
-            kept = [a for a in node.attribute if a.name != "training_mode"]
-            del node.attribute[:]
-            node.attribute.extend([*kept, onnx.helper.make_attribute("training_mode", 1)])
-            while len(node.output) < 3:  # training mode also outputs the updated running statistics
-                node.output.append(f"{node.name or 'batchnorm'}_{k}_running{len(node.output)}")
-
-
-def batchnorm_inference_outputs(model: Any) -> None:
-    """Drop the running-statistics outputs of inference-mode ``BatchNormalization`` nodes (in place):
-    onnxruntime-training's eval model switches training mode off but keeps the three outputs, which
-    ONNX allows only in training mode."""
-    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+def frozen_batchnorm(model: Any, trainable: Sequence[str] | dict[str, str]) -> list[str]:
+    """Initializers read by ``BatchNormalization`` nodes that do not train. onnxruntime-training runs
+    every BatchNormalization in training mode (batch statistics, as torch's train mode does), except
+    those whose parameters are constants: it folds those into the convolution before them, with
+    running statistics. Declaring them frozen parameters keeps them out of that folding."""
+    initializers = {t.name for t in model.graph.initializer}
+    out: dict[str, None] = {}
     for node in model.graph.node:
-        if node.op_type != "BatchNormalization" or len(node.output) == 1:
-            continue
-        training = any(a.name == "training_mode" and a.i for a in node.attribute)
-        if not training and not any(name in used for name in node.output[1:]):
-            del node.output[1:]
+        if node.op_type == "BatchNormalization":
+            out.update((name, None) for name in node.input[1:5] if name in initializers and name not in trainable)
+    return list(out)
 
 
 _GRADIENT_OUTPUTS = {"SoftmaxCrossEntropyLoss": 2, "LayerNormalization": 3, "Dropout": 2, "MaxPool": 2}
