@@ -50,7 +50,16 @@ class MnistCNN(nn.Module):
         return self.fc(self.features(x).mean(dim=(2, 3)))
 
 
-def _mnist_run(suite: str, objective: str, n: int, seed: int, epochs: int, config: dict) -> dict[str, Any]:
+def _exact_spans(model: Any, node: int, h: torch.Tensor, env: dict) -> torch.Tensor:
+    """Diagnostic stand-in for a coupler: the exact chain of the blocks it spans (O(N) depth)."""
+    a, b = model.tree.nodes[node].span
+    for i in range(a + 1, b + 1):
+        h = model.run_block_frozen(i, h, env)
+    return h
+
+
+def _mnist_run(suite: str, objective: str, n: int, seed: int, epochs: int, config: dict,
+               depth: int = 16, oracle: bool = False) -> dict[str, Any]:
     import hbll_compile as hc
     from hbll_compile.data import load_mnist8k, make_loaders
     from hbll_compile.runtime.trainer import evaluate
@@ -60,11 +69,13 @@ def _mnist_run(suite: str, objective: str, n: int, seed: int, epochs: int, confi
     if suite == "resmlp":
         from mnist_resmlp import build_model
 
-        net = build_model(width=256, depth=16)
+        net = build_model(width=256, depth=depth)
     else:
         net = MnistCNN()
     m = hc.hbll_compile(net, (train.tensors[0][:2],), blocks=n, loss=F.cross_entropy,
                         config=hc.HBLLConfig(objective=objective, seed=seed, **config))
+    if oracle:
+        m.run_coupler = lambda node, h, env: _exact_spans(m, node, h, env)
     train_loader, test_loader = make_loaders(train, test, batch_size=128, seed=seed)
     start = time.perf_counter()
     m.fit(train_loader, epochs, torch.optim.AdamW(m.parameters(), lr=1e-3), progress=False)
@@ -91,8 +102,14 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     if job["suite"] == "chargpt":
         result = _chargpt_run(job["objective"], job["blocks"], job["seed"], job["steps"], job["config"])
     else:
-        result = _mnist_run(job["suite"], job["objective"], job["blocks"], job["seed"], job["epochs"], job["config"])
+        result = _mnist_run(job["suite"], job["objective"], job["blocks"], job["seed"], job["epochs"], job["config"],
+                            job["depth"], job["oracle"])
     return {**job, **result}
+
+
+def _label(row: dict[str, Any]) -> str:
+    label = row["objective"] + (" (oracle couplers)" if row.get("oracle") else "")
+    return label + (f", depth {row['depth']}" if row["suite"] == "resmlp" and row.get("depth", 16) != 16 else "")
 
 
 def summarise(rows: list[dict[str, Any]]) -> str:
@@ -100,7 +117,7 @@ def summarise(rows: list[dict[str, Any]]) -> str:
     metric = "perplexity" if rows and rows[0]["suite"] == "chargpt" else "accuracy"
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["suite"], r["blocks"], r["objective"], json.dumps(r["config"])), []).append(r)
+        groups.setdefault((r["suite"], r["blocks"], _label(r), json.dumps(r["config"])), []).append(r)
     lines = [f"| suite | N | objective | config | {metric} | seeds | critical path | train s/run |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (suite, n, objective, config), rs in sorted(groups.items()):
@@ -135,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--steps", type=int, default=600, help="training steps (chargpt)")
     p.add_argument("--config", type=json.loads, default={}, help='extra HBLLConfig fields as JSON, e.g. {"inputs": "tree"}')
+    p.add_argument("--depth", type=int, default=16, help="residual blocks of the resmlp network")
+    p.add_argument("--oracle-couplers", action="store_true",
+                   help="diagnostic: replace every coupler by the exact blocks it spans (O(N) depth)")
     p.add_argument("--jobs", type=int, default=2, help="parallel runs (one thread each)")
     p.add_argument("--out", default=None, help="JSON-lines file to append results to")
     p.add_argument("--summarise", default=None, metavar="FILE", help="only print the tables of a JSON-lines file")
@@ -143,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         print(summarise([json.loads(line) for line in Path(args.summarise).read_text().splitlines() if line]))
         return
     jobs = [{"suite": args.suite, "objective": o, "blocks": n, "seed": s, "epochs": args.epochs,
-             "steps": args.steps, "config": args.config if o == "hbll" else {}}
+             "steps": args.steps, "config": args.config if o == "hbll" else {}, "depth": args.depth,
+             "oracle": args.oracle_couplers and o == "hbll"}
             for n in args.blocks for o in args.objectives for s in args.seeds]
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"accuracy_{args.suite}.jsonl")
     rows = []

