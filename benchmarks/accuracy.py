@@ -128,17 +128,22 @@ def summarise(rows: list[dict[str, Any]]) -> str:
                      f"{statistics.mean(r['train_seconds'] for r in rs):.0f} |")
     depth_rows = [r for r in rows if r.get("depth_report")]
     if depth_rows:
-        lines += ["", "Depth report of the HBLL runs (mean accuracy over seeds; MFLOPs per sample):", "",
-                  "| suite | N | config | " + " | ".join(f"depth {d}" for d in range(len(depth_rows[0]["depth_report"])))
-                  + " |", "| --- | --- | --- |" + " --- |" * len(depth_rows[0]["depth_report"])]
+        width = max(len(r["depth_report"]) for r in depth_rows)
+        lines += ["", "Depth report of the HBLL runs (mean accuracy over seeds, MFLOPs per sample; the last "
+                  "depth of each row is the exact chain):", "",
+                  "| suite | N | config | " + " | ".join(f"depth {d}" for d in range(width)) + " |",
+                  "| --- | --- | --- |" + " --- |" * width]
         by_n: dict[tuple, list[dict]] = {}
         for r in depth_rows:
             by_n.setdefault((r["suite"], r["blocks"], json.dumps(r["config"])), []).append(r)
         for (suite, n, config), rs in sorted(by_n.items()):
             cells = []
-            for d in range(len(rs[0]["depth_report"])):
-                acc = statistics.mean(r["depth_report"][d]["accuracy"] for r in rs) * 100
-                cells.append(f"{acc:.1f}% ({rs[0]['depth_report'][d]['flops'] / 1e6:.2f})")
+            for d in range(width):
+                if d < len(rs[0]["depth_report"]):
+                    acc = statistics.mean(r["depth_report"][d]["accuracy"] for r in rs) * 100
+                    cells.append(f"{acc:.1f}% ({rs[0]['depth_report'][d]['flops'] / 1e6:.2f})")
+                else:
+                    cells.append("")
             lines.append(f"| {suite} | {n} | {config if config != '{}' else '-'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -151,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--steps", type=int, default=600, help="training steps (chargpt)")
-    p.add_argument("--config", type=json.loads, default={}, help='extra HBLLConfig fields as JSON, e.g. {"inputs": "tree"}')
+    p.add_argument("--config", type=json.loads, default={},
+                   help='extra HBLLConfig fields as JSON, e.g. {"inputs": "tree"}')
     p.add_argument("--depth", type=int, default=16, help="residual blocks of the resmlp network")
     p.add_argument("--oracle-couplers", action="store_true",
                    help="diagnostic: replace every coupler by the exact blocks it spans (O(N) depth)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -26,19 +27,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import hbll_compile as hc
 
-
-class ResidualBlock(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.fc1 = nn.Linear(width, width)
-        self.fc2 = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(F.relu(self.fc1(self.norm(x))))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from mnist_resmlp import ResidualBlock  # noqa: E402  (the same block the accuracy benchmark trains)
 
 
 class Stack(nn.Module):
+    """N residual blocks of one width and a linear head: one block per HBLL block."""
+
     def __init__(self, width: int, depth: int, classes: int = 10) -> None:
         super().__init__()
         self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in range(depth)])

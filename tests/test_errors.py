@@ -77,3 +77,19 @@ def test_parameter_free_model_is_refused() -> None:
 def test_zero_blocks_is_refused() -> None:
     with pytest.raises(hc.CutError, match="at least 1"):
         hc.hbll_compile(torch.nn.Linear(4, 4), (torch.randn(3, 4),), blocks=0)
+
+
+def test_attention_dropout_traced_in_train_mode_is_refused() -> None:
+    class AttentionDropout(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 24)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(x).split(8, dim=-1)
+            p = 0.1 if self.training else 0.0
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+
+    with pytest.raises(hc.CaptureError, match="training=True") as info:
+        hc.hbll_compile(AttentionDropout(), (torch.randn(3, 5, 8),), blocks=1)
+    assert "attention" in info.value.remedy

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from models import ZOO, MLP
+from models import MLP, ZOO
 
 import hbll_compile as hc
 from hbll_compile.runtime.executor import Executor
@@ -62,7 +62,8 @@ def test_no_gradient_crosses_a_block_boundary(inputs: str) -> None:
             allowed = {id(p) for p in units[task.unit].parameters()}
             if task.unit[0] == "block" and str(task.unit[1]) in m.heads:
                 allowed |= {id(p) for p in m.heads[str(task.unit[1])].parameters()}
-            changed = {k for k in after if after[k] is not None and (before[k] is None or not torch.equal(before[k], after[k]))}
+            changed = {k for k, g in after.items()
+                       if g is not None and (before[k] is None or not torch.equal(before[k], g))}
             assert changed <= allowed, f"{task.kind} {task.unit} leaked gradient into other units"
             if changed:
                 checked.append(task.unit)
@@ -143,7 +144,7 @@ def test_every_objective_lowers_the_loss(config: dict) -> None:
     first = None
     for step in range(120):
         opt.zero_grad()
-        loss = m.training_step(x, target=y)
+        m.training_step(x, target=y)
         opt.step()
         if step == 8:
             first = F.cross_entropy(m.eval()(x), y).item()

@@ -105,7 +105,9 @@ class TrainingUnit:
     trainable: list[nn.Parameter] = field(default_factory=list, repr=False)
 
     def input_names(self, model_inputs: Sequence[str]) -> list[str]:
-        """ONNX input names, in call order (the target last, or ``target, y`` for path-trained couplers)."""
+        """ONNX input names, in call order (the target last, or ``target, y`` for path-trained couplers).
+        Model inputs called ``h``, ``target`` or ``y`` are renamed ``input_h`` and so on."""
+        model_inputs = [f"input_{n}" if n in ("h", "target", "y") else n for n in model_inputs]
         names = list(model_inputs) if self.boundary == 0 and self.needs_inputs else []
         if not names:
             names = [model_inputs[0] if self.boundary == 0 else "h"]
@@ -146,11 +148,12 @@ def training_units(m: HBLLModel) -> list[TrainingUnit]:
             blocks = {i} | _path_blocks(m, path)
         unit.needs_inputs = _reads_context(m, blocks)
         units.append(unit)
-    for plan in m.coupler_plans:
+    for plan in m.coupler_plans if config.objective == "hbll" else ():  # DGL does not train couplers
         a, b = plan.span
         path = tuple(node.id for node in m.tree.path(b))
         with_path = bool(config.coupler_path_weight) and bool(path)
-        text = f"{config.consistency_weight:g} * mse(C_{plan.node}(h_{a}), h_{b})"
+        weight = "" if config.consistency_weight == 1 else f"{config.consistency_weight:g} * "
+        text = f"{weight}mse(C_{plan.node}(h_{a}), h_{b})"
         if with_path:
             text += f" + {config.coupler_path_weight:g} * task_loss(P({b}->{n})(C_{plan.node}(h_{a})), y)"
         unit = TrainingUnit(f"coupler{plan.node}", "coupler", plan.node, text, path if with_path else (), a,
@@ -223,7 +226,7 @@ class UnitObjective(nn.Module):
         return head_loss(m, unit.index, h, target)
 
 
-def example_target(m: HBLLModel, output: torch.Tensor) -> torch.Tensor:
+def guess_target(m: HBLLModel, output: torch.Tensor) -> torch.Tensor:
     """A target the task loss accepts for ``output``: class ids per row, per position, or a tensor like
     the output (tried in that order)."""
     batch = output.shape[0]
@@ -293,7 +296,7 @@ def export_training_artifacts(
         units: names of the units to write (``["block2", "coupler0"]``); default all.
         example_inputs: model inputs to trace with (default: shaped like the compile-time example).
         example_target: a task target for those inputs (default: guessed from the loss, see
-            :func:`example_target`).
+            :func:`guess_target`).
         optimizer: ``"AdamW"`` (torch's defaults: betas (0.9, 0.999), eps 1e-8) or ``"SGD"`` (plain).
         lr: learning rate :class:`BlockTrainer` starts with (recorded in the manifest).
         weight_decay: AdamW's decoupled weight decay (default 0.01, as ``torch.optim.AdamW``).
@@ -335,7 +338,7 @@ def export_training_artifacts(
     inputs = tuple(example_inputs) if example_inputs is not None else default_inputs(
         m, max(2, int(m.report.get("example_batch", 2))))
     boundaries = chain_boundaries(m, inputs)
-    target = example_target if example_target is not None else globals()["example_target"](m, boundaries[-1])
+    target = example_target if example_target is not None else guess_target(m, boundaries[-1])
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -192,7 +192,8 @@ def _bind_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
 
 
 _TRAINING_FLAG_OPS: dict[Any, tuple[int, str, int, str]] = {
-    # op: (index of the training flag, its kwarg name, index of the probability, its kwarg name)
+    # op: (index of the training flag, its kwarg name, index of the probability, its kwarg name);
+    # flag index -1: the op has no flag, a nonzero probability alone means it was traced in train mode
     torch.ops.aten.dropout.default: (2, "train", 1, "p"),
     torch.ops.aten.feature_dropout.default: (2, "train", 1, "p"),
     torch.ops.aten.alpha_dropout.default: (2, "train", 1, "p"),
@@ -200,6 +201,8 @@ _TRAINING_FLAG_OPS: dict[Any, tuple[int, str, int, str]] = {
     torch.nn.functional.dropout: (2, "training", 1, "p"),
     torch.ops.aten.batch_norm.default: (5, "training", -1, ""),
     torch.nn.functional.batch_norm: (5, "training", -1, ""),
+    torch.ops.aten.scaled_dot_product_attention.default: (-1, "", 4, "dropout_p"),
+    torch.nn.functional.scaled_dot_product_attention: (-1, "", 4, "dropout_p"),
 }
 
 
@@ -214,15 +217,17 @@ def _refuse_baked_training_flags(gm: fx.GraphModule) -> None:
         if spec is None:
             continue
         flag_i, flag_name, p_i, p_name = spec
-        flag = _arg(node, flag_i, flag_name, True if node.target is torch.nn.functional.dropout else False)
-        p = _arg(node, p_i, p_name, 0.5) if p_i >= 0 else 1.0
+        default_flag = node.target is torch.nn.functional.dropout
+        flag = _arg(node, flag_i, flag_name, default_flag) if flag_i >= 0 else True
+        p = _arg(node, p_i, p_name, 0.5 if flag_i >= 0 else 0.0) if p_i >= 0 else 1.0
         if flag is True and p != 0:
             raise CaptureError(
                 f"functional {getattr(node.target, '__name__', node.target)} was captured with training=True "
                 "frozen in, so eval() would still apply it",
                 node=_where(node),
                 remedy="use the module form (nn.Dropout / nn.BatchNorm*), which hbll-compile switches with "
-                "train()/eval(), or set its probability to 0",
+                "train()/eval(); for attention dropout apply nn.Dropout to the attention weights; "
+                "or set the probability to 0",
             )
 
 
