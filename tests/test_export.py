@@ -149,7 +149,7 @@ def test_mismatch_raises_export_error(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_static_batch_and_explicit_inputs(tmp_path: Path) -> None:
     m = compiled("masked")
     inputs = ZOO["masked"].example(3, seed=4)
-    report = hc.export_onnx(m, tmp_path / "s.onnx", dynamic_batch=False, example_inputs=inputs)
+    report = hc.export_onnx(m, tmp_path / "s.onnx", dynamic_batch=False, example_inputs=inputs, exporter="legacy")
     assert report.checked_batches == (3,)
     assert onnx.load(report.path).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
 
