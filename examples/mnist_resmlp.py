@@ -60,9 +60,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--depth", type=int, default=8, help="residual blocks in the network")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default=None, help="path to mnist8k.npz (default: search ../shared/data)")
+    parser.add_argument("--limit", type=int, default=None, help="train on the first K digits only (smoke tests)")
     args = parser.parse_args(argv)
 
     train, test = load_mnist8k(args.data, flatten=True)
+    if args.limit:
+        train = torch.utils.data.TensorDataset(*(t[: args.limit] for t in train.tensors))
     torch.manual_seed(args.seed)
     net = build_model(args.width, args.depth)
     initial = copy.deepcopy(net.state_dict())

@@ -23,10 +23,11 @@ def _example(name: str):
 
 
 def test_mnist_demo_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    results = _example("mnist_resmlp").main(["--epochs", "1", "--width", "32", "--depth", "4", "--blocks", "4"])
+    results = _example("mnist_resmlp").main(["--epochs", "2", "--width", "32", "--depth", "4", "--blocks", "4",
+                                             "--limit", "1536"])
     out = capsys.readouterr().out
     assert "critical path" in out and "held-out accuracy: BP" in out and "depth 0" in out
-    assert results["bp"] > 0.5 and results["hbll"] > 0.5  # one epoch of 6,400 digits is plenty for 50%
+    assert results["bp"] > 0.5 and results["hbll"] > 0.5  # 24 steps on real digits reach well above chance
 
 
 def test_charlm_example_runs() -> None:

@@ -142,7 +142,7 @@ def test_every_objective_lowers_the_loss(config: dict) -> None:
     m = _compile("mlp", 4, **config)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     first = None
-    for step in range(120):
+    for step in range(60):
         opt.zero_grad()
         m.training_step(x, target=y)
         opt.step()
@@ -203,8 +203,9 @@ def test_fit_and_depth_report() -> None:
     y = (x[:, 0] > 0).long()
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
     m = _compile("mlp", 4)
-    history = m.fit(data, epochs=8, optimizer=torch.optim.AdamW(m.parameters(), lr=1e-2), eval_loader=data)
-    assert len(history["loss"]) == 8 and history["eval_accuracy"][-1] > 0.8
+    history = m.fit(data, epochs=20, optimizer=torch.optim.AdamW(m.parameters(), lr=1e-2), eval_loader=data)
+    assert len(history["loss"]) == 20 and history["loss"][-1] < 0.5 * history["loss"][0]
+    assert history["eval_accuracy"][-1] > 0.85
     rows = m.depth_report(data)
     assert [r["depth"] for r in rows] == list(range(m.tree.depth + 1))
     assert all(0 <= r["accuracy"] <= 1 and r["flops"] > 0 for r in rows)
