@@ -132,3 +132,18 @@ def test_fx_fallback_when_export_fails(name: str, monkeypatch: pytest.MonkeyPatc
     m.eval()
     x = case.example(batch=3)
     assert _max_diff(m(*x), model(*x)) <= TOL
+
+
+@pytest.mark.parametrize("name", ["cnn_bn", "resnet"])
+def test_no_cut_separates_a_batchnorm_from_its_input(name: str) -> None:
+    case = ZOO[name]
+    model = case.build()
+    with pytest.raises(hc.CutError) as info:
+        hc.hbll_compile(model, case.example(), blocks=1000)
+    most = int(str(info.value).split("at most ")[1].split()[0])
+    m = hc.hbll_compile(model, case.example(), blocks=most)
+    for block in list(m.blocks)[1:]:
+        (h,) = [n for n in block.graph.nodes if n.op == "placeholder" and n.name == "h"]
+        readers = [block.get_submodule(u.target) for u in h.users if u.op == "call_module"]
+        assert not (readers and len(readers) == len(h.users)
+                    and all(isinstance(r, torch.nn.modules.batchnorm._BatchNorm) for r in readers))

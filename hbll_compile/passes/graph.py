@@ -7,7 +7,11 @@ Terms (DESIGN §1):
   ids, the batch size), computed once and handed to every block that reads it;
 - the **compute sequence** is the stateful nodes in graph (topological) order;
 - a **legal cut** after position k of the compute sequence is one where exactly one stateful value,
-  and it a tensor, is live across: produced at or before k and read after k.
+  and it a tensor, is live across: produced at or before k and read after k;
+- one more rule: a cut never separates a BatchNorm from the layer that feeds it. The raw,
+  unnormalised tensor between them is a poor boundary (its scale follows the weights, so couplers
+  cannot track it: a CNN cut there stopped learning, BENCHMARKS.md), and the pair is fused at
+  deployment anyway.
 
 Example:
     >>> import torch
@@ -70,7 +74,8 @@ def build_graph(gm: fx.GraphModule) -> GraphView:
     computing = [n for n in nodes if n.op not in ("placeholder", "output", "get_attr")]
     sequence = [n.name for n in computing if n.name in stateful]
     context = [n.name for n in computing if n.name not in stateful]
-    legal, crossing = _legal_cuts(dag, sequence, stateful, returned.name)
+    feeds_batchnorm = {n.name for n in nodes if _only_feeds_batchnorm(gm, n)}
+    legal, crossing = _legal_cuts(dag, sequence, stateful, returned.name, feeds_batchnorm)
     for name, value in (("sequence", sequence), ("context", context)):
         for i, node_name in enumerate(value):
             dag.nodes[node_name]["role"] = name
@@ -96,6 +101,13 @@ def _is_state_source(gm: fx.GraphModule, n: fx.Node) -> bool:
     return False
 
 
+def _only_feeds_batchnorm(gm: fx.GraphModule, n: fx.Node) -> bool:
+    return bool(n.users) and all(
+        u.op == "call_module" and isinstance(gm.get_submodule(u.target), nn.modules.batchnorm._BatchNorm)
+        for u in n.users
+    )
+
+
 def _fetch(gm: fx.GraphModule, target: str) -> object:
     owner: object = gm
     for part in target.split("."):
@@ -104,7 +116,7 @@ def _fetch(gm: fx.GraphModule, target: str) -> object:
 
 
 def _legal_cuts(
-    dag: nx.DiGraph, sequence: list[str], stateful: set[str], output: str
+    dag: nx.DiGraph, sequence: list[str], stateful: set[str], output: str, feeds_batchnorm: set[str]
 ) -> tuple[list[int], dict[int, str]]:
     """Sweep the compute sequence once, tracking which stateful values are live across each gap."""
     position = {name: i for i, name in enumerate(sequence)}
@@ -126,7 +138,7 @@ def _legal_cuts(
         live = {v for v in live if last_use[v] >= k}
         if len(live) == 1:
             (value,) = live
-            if dag.nodes[value]["is_tensor"]:
+            if dag.nodes[value]["is_tensor"] and value not in feeds_batchnorm:
                 legal.append(k)
                 crossing[k] = value
     return legal, crossing
