@@ -147,3 +147,13 @@ def test_no_cut_separates_a_batchnorm_from_its_input(name: str) -> None:
         readers = [block.get_submodule(u.target) for u in h.users if u.op == "call_module"]
         assert not (readers and len(readers) == len(h.users)
                     and all(isinstance(r, torch.nn.modules.batchnorm._BatchNorm) for r in readers))
+
+
+@pytest.mark.parametrize("name", ["gpt", "masked"])
+def test_created_tensors_follow_the_input_device(name: str) -> None:
+    """``torch.arange(T, device=x.device)`` must not be frozen to the example's device (``.to("cuda")``)."""
+    case = ZOO[name]
+    m = hc.hbll_compile(case.build(), case.example(), blocks=2)
+    for module in (m.context, *m.blocks):
+        for node in module.graph.nodes:
+            assert not isinstance(node.kwargs.get("device"), torch.device), (node.name, node.kwargs)

@@ -95,6 +95,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any]) -> Captured:
                 raise _capture_error(export_error) from export_error
         _check_outputs(gm)
         _refuse_baked_training_flags(gm)
+        _follow_input_device(gm)
         annotate(gm, inputs)
     finally:
         model.train(was_training)
@@ -229,6 +230,21 @@ def _refuse_baked_training_flags(gm: fx.GraphModule) -> None:
                 "train()/eval(); for attention dropout apply nn.Dropout to the attention weights; "
                 "or set the probability to 0",
             )
+
+
+def _follow_input_device(gm: fx.GraphModule) -> None:
+    """Tensors created inside forward (``torch.arange(T, device=x.device)``) are captured with the
+    example's device as a constant; make them follow the first input's device at run time instead,
+    so the compiled model works after ``.to("cuda")``."""
+    users = [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.kwargs.get("device"), torch.device)]
+    if not users:
+        return
+    first_input = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with gm.graph.inserting_after(first_input):
+        device = gm.graph.call_function(getattr, (first_input, "device"))
+    for n in users:
+        n.kwargs = {**n.kwargs, "device": device}
+    gm.recompile()
 
 
 def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
