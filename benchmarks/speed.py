@@ -51,11 +51,11 @@ def _sync(device: torch.device) -> None:
 def measure(objective: str, n: int, width: int, batch: int, device: torch.device, steps: int,
             config: dict) -> dict[str, float]:
     torch.manual_seed(0)
-    net = Stack(width, n).to(device)
+    net = Stack(width, n)  # compiled on the CPU, then moved: HBLLModel.to() moves the user's model too
+    m = hc.hbll_compile(net, (torch.randn(2, width),), blocks=n, loss=F.cross_entropy,
+                        config=hc.HBLLConfig(objective=objective, **config)).to(device)
     x = torch.randn(batch, width, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    m = hc.hbll_compile(net, (x[:2].cpu(),), blocks=n, loss=F.cross_entropy,
-                        config=hc.HBLLConfig(objective=objective, **config)).to(device)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
 
     def step() -> None:
