@@ -117,25 +117,25 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compile_command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand with the arguments every compiling command takes: factory, inputs, blocks."""
+    command = sub.add_parser(name, help=help)
+    command.add_argument("factory", help="FILE.py:FACTORY, a function returning the nn.Module")
+    command.add_argument("--input-shape", action="append", required=True,
+                         help="comma-separated example input shape; repeat for each model input")
+    command.add_argument("--dtype", action="append", default=None,
+                         help="dtype of each input (default float32; int64 for token ids)")
+    command.add_argument("--blocks", type=int, default=None, help="number of blocks N (default: automatic)")
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hbll", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    inspect = sub.add_parser("inspect", help="compile a model and print its blocks and tree")
-    inspect.add_argument("factory", help="FILE.py:FACTORY, a function returning the nn.Module")
-    inspect.add_argument("--input-shape", action="append", required=True,
-                         help="comma-separated example input shape; repeat for each model input")
-    inspect.add_argument("--dtype", action="append", default=None,
-                         help="dtype of each input (default float32; int64 for token ids)")
-    inspect.add_argument("--blocks", type=int, default=None, help="number of blocks N (default: automatic)")
+    inspect = _compile_command(sub, "inspect", "compile a model and print its blocks and tree")
     inspect.add_argument("--png", default=None, help="draw the tree to this PNG file (needs matplotlib)")
     inspect.set_defaults(run=_inspect)
-    export = sub.add_parser("export", help="compile a model and write its ONNX graph (exact chain or a depth)")
-    export.add_argument("factory", help="FILE.py:FACTORY, a function returning the nn.Module")
-    export.add_argument("--input-shape", action="append", required=True,
-                        help="comma-separated example input shape; repeat for each model input")
-    export.add_argument("--dtype", action="append", default=None,
-                        help="dtype of each input (default float32; int64 for token ids)")
-    export.add_argument("--blocks", type=int, default=None, help="number of blocks N (default: automatic)")
+    export = _compile_command(sub, "export", "compile a model and write its ONNX graph (exact chain or a depth)")
     export.add_argument("--depth", type=int, default=None,
                         help="export the depth-d subnetwork (default: the exact chain)")
     export.add_argument("-o", "--output", required=True, help="the .onnx file to write")

@@ -54,6 +54,9 @@ class Executor:
         self._memo: dict[tuple[int, str], torch.Tensor] = {}
         self._bp: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self._losses: dict[int, torch.Tensor] = {}
+        # a head whose block is updated in the same stage joins that update: one forward, one backward
+        self._head_of = {t.unit[1]: t for stage in schedule.stages for t in stage if t.kind == "head_update"}
+        self._fused = [{t.unit[1] for t in stage if t.kind == "block_update"} for stage in schedule.stages]
 
     def reset(self) -> None:
         """Forget the wavefront pipeline (e.g. after changing the weights by hand)."""
@@ -67,15 +70,13 @@ class Executor:
             self.ring.appendleft(_Batch(inputs[0], target, env))
         self._values = {"x": inputs[0], "y": target}
         self._env, self._memo, self._bp, self._losses = env, {}, {}, {}
-        head_tasks = {t.unit[1]: t for stage in self.schedule.stages for t in stage if t.kind == "head_update"}
-        for stage in self.schedule.stages:
-            fused = {t.unit[1] for t in stage if t.kind == "block_update"}
+        for stage, fused in zip(self.schedule.stages, self._fused):
             for task in stage:
                 if task.kind == "head_update" and task.unit[1] in fused:
-                    continue  # added to the block's own update: one forward, one backward
+                    continue  # added to the block's own update
                 handler = getattr(self, f"_{task.kind}")
                 if task.kind == "block_update":
-                    handler(task, head_tasks.get(task.unit[1]))
+                    handler(task, self._head_of.get(task.unit[1]))
                 else:
                     handler(task)
         if not self._losses:
