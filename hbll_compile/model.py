@@ -22,6 +22,7 @@ from hbll_compile.config import HBLLConfig
 from hbll_compile.errors import TrainingError
 from hbll_compile.ir import BlockSpec, Boundary, Tree
 from hbll_compile.passes.couplers import CouplerPlan
+from hbll_compile.passes.graph import lookup
 from hbll_compile.passes.lower import Lowered, bind_state
 from hbll_compile.runtime.executor import Executor
 from hbll_compile.runtime.schedule import Schedule
@@ -80,10 +81,7 @@ class HBLLModel(nn.Module):
     def _resolve(self, target: str) -> object:
         if target in self._constant_names:
             return getattr(self.constants, self._constant_names[target])
-        owner: object = self._model
-        for part in target.split("."):
-            owner = getattr(owner, part)
-        return owner
+        return lookup(self._model, target)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> HBLLModel:
         """Convert the user's model once, then re-point the blocks at its (possibly new) tensors."""

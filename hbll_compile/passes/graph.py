@@ -94,7 +94,7 @@ def build_graph(gm: fx.GraphModule) -> GraphView:
 
 def _is_state_source(gm: fx.GraphModule, n: fx.Node) -> bool:
     if n.op == "get_attr":
-        return isinstance(_fetch(gm, n.target), nn.Parameter)
+        return isinstance(lookup(gm, n.target), nn.Parameter)
     if n.op == "call_module":
         module = gm.get_submodule(n.target)
         return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
@@ -108,9 +108,12 @@ def _only_feeds_batchnorm(gm: fx.GraphModule, n: fx.Node) -> bool:
     )
 
 
-def _fetch(gm: fx.GraphModule, target: str) -> object:
-    owner: object = gm
+def lookup(root: nn.Module, target: str) -> object | None:
+    """The object at dotted ``target`` under ``root`` (``"layer1.0.bn1.weight"``), or None if absent."""
+    owner: object = root
     for part in target.split("."):
+        if not hasattr(owner, part):
+            return None
         owner = getattr(owner, part)
     return owner
 

@@ -34,7 +34,7 @@ from torch import nn
 from hbll_compile.errors import LoweringError
 from hbll_compile.ir import BlockSpec, Boundary
 from hbll_compile.passes.capture import Captured
-from hbll_compile.passes.graph import GraphView
+from hbll_compile.passes.graph import GraphView, lookup
 from hbll_compile.passes.partition import Partition
 
 
@@ -143,10 +143,10 @@ def _resolver(model: nn.Module, gm: fx.GraphModule, constants: dict[str, torch.T
     """Map a target to the user's own object, or record it as a constant of the capture."""
 
     def resolve(target: str) -> object:
-        found = _lookup(model, target)
+        found = lookup(model, target)
         if found is not None:
             return found
-        found = _lookup(gm, target)
+        found = lookup(gm, target)
         if found is None:
             raise LoweringError(f"captured attribute {target!r} was not found", node=target,
                                 remedy="report this model to hbll-compile")
@@ -155,15 +155,6 @@ def _resolver(model: nn.Module, gm: fx.GraphModule, constants: dict[str, torch.T
         return found
 
     return resolve
-
-
-def _lookup(root: nn.Module, target: str) -> object | None:
-    owner: object = root
-    for part in target.split("."):
-        if not hasattr(owner, part):
-            return None
-        owner = getattr(owner, part)
-    return owner
 
 
 def _graph_module(gm: fx.GraphModule, graph: fx.Graph, resolve: Callable[[str], object], name: str) -> fx.GraphModule:
