@@ -90,7 +90,8 @@ def _mnist_run(suite: str, objective: str, n: int, seed: int, epochs: int, confi
 def _chargpt_run(objective: str, n: int, seed: int, steps: int, config: dict) -> dict[str, Any]:
     from charlm_gpt import parser, train
 
-    args = parser().parse_args(["--steps", str(steps), "--blocks", str(n), "--seed", str(seed)])
+    args = parser().parse_args(["--steps", str(steps), "--blocks", str(n), "--seed", str(seed),
+                                "--config", json.dumps(config)])
     start = time.perf_counter()
     ppl, m = train(objective, args)
     return {"perplexity": ppl, "train_seconds": time.perf_counter() - start,

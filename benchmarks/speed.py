@@ -2,9 +2,10 @@
 
 For each configuration it builds a residual-MLP stack of N blocks (one residual block per HBLL block),
 and times ``m.training_step`` + ``optimizer.step()`` under ``objective="bp"`` and ``"hbll"``, both run by
-the same executor. FLOPs per step are counted with ``torch.utils.flop_counter.FlopCounterMode``; peak
-memory is reported on CUDA devices. On a GPU it also times BP as one captured CUDA graph (the strong
-baseline of issue 4).
+the same executor; the HBLL rows run once per ``--executors`` entry (``"loop"``: tasks one after
+another; ``"batched"``: identical blocks as one vmap over stacked parameters). FLOPs per step are
+counted with ``torch.utils.flop_counter.FlopCounterMode``; peak memory is reported on CUDA devices. On
+a GPU it also times BP as one captured CUDA graph (the strong baseline of issue 4).
 
 Examples:
     python benchmarks/speed.py --blocks 8 32 --width 256 --batch 64 --device cpu
@@ -76,9 +77,9 @@ def measure(objective: str, n: int, width: int, batch: int, device: torch.device
         step()
         _sync(device)
         times.append(time.perf_counter() - start)
-    row = {"objective": objective, "blocks": n, "width": width, "batch": batch, "device": _device_name(device),
-           "ms_per_step": 1e3 * statistics.median(times), "gflops_per_step": counter.get_total_flops() / 1e9,
-           "critical_path": m.schedule.critical_path()}
+    row = {"objective": objective, "executor": m.config.executor, "blocks": n, "width": width, "batch": batch,
+           "device": _device_name(device), "ms_per_step": 1e3 * statistics.median(times),
+           "gflops_per_step": counter.get_total_flops() / 1e9, "critical_path": m.schedule.critical_path()}
     if device.type == "cuda":
         row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return row
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--config", type=json.loads, default={}, help="extra HBLLConfig fields for the HBLL rows")
+    p.add_argument("--executors", nargs="+", default=["loop", "batched"], choices=["loop", "batched"],
+                   help="HBLLConfig.executor of the HBLL rows, one row each")
     p.add_argument("--out", default=None, help="JSON-lines file to append rows to")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -135,20 +138,23 @@ def main(argv: list[str] | None = None) -> None:
         for width in args.width:
             for batch in args.batch:
                 bp = measure("bp", n, width, batch, device, args.steps, {})
-                hbll = measure("hbll", n, width, batch, device, args.steps, args.config)
-                hbll["flops_ratio_to_bp"] = hbll["gflops_per_step"] / bp["gflops_per_step"]
-                hbll["speedup_vs_bp"] = bp["ms_per_step"] / hbll["ms_per_step"]
-                rows += [bp, hbll]
+                hbll = [measure("hbll", n, width, batch, device, args.steps, {**args.config, "executor": executor})
+                        for executor in args.executors]
+                for row in hbll:
+                    row["flops_ratio_to_bp"] = row["gflops_per_step"] / bp["gflops_per_step"]
+                    row["speedup_vs_bp"] = bp["ms_per_step"] / row["ms_per_step"]
+                rows += [bp, *hbll]
                 if device.type == "cuda":
                     graphed = measure_bp_cuda_graph(n, width, batch, device, args.steps)
-                    hbll["speedup_vs_bp_cudagraph"] = graphed["ms_per_step"] / hbll["ms_per_step"]
+                    for row in hbll:
+                        row["speedup_vs_bp_cudagraph"] = graphed["ms_per_step"] / row["ms_per_step"]
                     rows.append(graphed)
     if args.out:
         with Path(args.out).open("a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-    keys = ["device", "objective", "blocks", "width", "batch", "ms_per_step", "gflops_per_step", "flops_ratio_to_bp",
-            "speedup_vs_bp", "speedup_vs_bp_cudagraph", "critical_path", "peak_mem_mb"]
+    keys = ["device", "objective", "executor", "blocks", "width", "batch", "ms_per_step", "gflops_per_step",
+            "flops_ratio_to_bp", "speedup_vs_bp", "speedup_vs_bp_cudagraph", "critical_path", "peak_mem_mb"]
     print("| " + " | ".join(keys) + " |")
     print("|" + " --- |" * len(keys))
     for row in rows:

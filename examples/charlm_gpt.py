@@ -11,6 +11,7 @@ It prints the held-out perplexity of each objective.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 import torch
@@ -95,7 +96,8 @@ def train(objective: str, args: argparse.Namespace) -> tuple[float, hc.HBLLModel
     net = build_model(train_set.vocab_size, args.layers, args.dim, args.context)
     example = (train_set[0][0].unsqueeze(0).repeat(2, 1),)
     m = hc.hbll_compile(net, example, blocks=args.blocks, loss=sequence_loss,
-                        config=hc.HBLLConfig(objective=objective, seed=args.seed))
+                        config=hc.HBLLConfig(objective=objective, seed=args.seed,
+                                             **(args.config if objective == "hbll" else {})))
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch, shuffle=True,
                                          generator=torch.Generator().manual_seed(args.seed))
     optimizer = torch.optim.AdamW(m.parameters(), lr=args.lr)
@@ -122,6 +124,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", type=json.loads, default={},
+                   help='extra HBLLConfig fields for the HBLL run, as JSON, e.g. {"output_tail": "block"}')
     return p
 
 

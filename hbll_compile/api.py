@@ -61,11 +61,12 @@ def hbll_compile(
     captured = capture(model, example_inputs)
     view = build_graph(captured.gm)
     partition = choose_cuts(view.costs, view.legal_cuts, blocks)
-    lowered = lower(captured, view, partition, model)
-    tree = build_tree(partition.block_costs)
     config = config or HBLLConfig()
+    lowered = lower(captured, view, partition, model, output_tail=config.output_tail)
+    tree = build_tree(partition.block_costs)
     example_batch = int(captured.example_inputs[0].shape[0]) if captured.example_inputs[0].dim() else 1
-    couplers, plans = build_couplers(tree, lowered.boundaries, lowered.specs, config, example_batch)
+    couplers, plans = build_couplers(tree, lowered.boundaries, lowered.specs, lowered.tail_info, config,
+                                     example_batch)
     heads = build_heads(lowered.boundaries, config)
     report = {
         "capture": captured.method,

@@ -15,6 +15,8 @@ _CHOICES = {
     "objective": ("hbll", "dgl", "bp"),
     "inputs": ("tree", "wavefront"),
     "correction": ("parareal", "jacobi"),
+    "executor": ("loop", "batched"),
+    "output_tail": ("auto", "head", "block"),
 }
 
 
@@ -34,12 +36,29 @@ class HBLLConfig:
             for. Measured on MNIST (BENCHMARKS.md), 0.05 trained as well as 0.25, 1 or 2 and keeps one
             HBLL step under 2x BP's FLOPs, so it is the default; raise it for better shallow subnetworks.
         coupler_layers: additive coupling layers per coupler.
+        coupler_gain: output scale of the couplers' residual nets (see
+            :class:`~hbll_compile.nn.coupling.AdditiveCoupling`). The optimizer is shared with the
+            blocks; under Adam-type optimizers a gain g makes couplers learn g times faster, so they
+            keep up with the blocks they stand for. Measured on MNIST (BENCHMARKS.md), 4 closed most
+            of the gap to BP left at gain 1, and did better than 8.
+        output_tail: what a coupler whose span ends at the model output runs exactly after its
+            learned part: ``"head"``, block N from its last legal cut on (usually the final linear
+            layer), or ``"block"``, all of block N. ``"head"`` keeps a step under 2x BP's FLOPs on
+            networks whose last block holds real layers; ``"block"`` keeps those layers exact in
+            every path. ``"auto"`` picks ``"block"`` when the value at that cut is a sequence (T, D),
+            where couplers are per-token maps that cannot model attention (measured on the char-GPT:
+            perplexity 7.22 with ``"block"``, 9.11 with ``"head"``), and ``"head"`` otherwise.
         local_head_weight: weight λ of the local-head losses (0 disables heads under ``"hbll"``).
         consistency_weight: weight of each coupler's consistency term ``‖C_v(h_a) − sg(h_b)‖²``.
         coupler_path_weight: weight of the task loss through a coupler's own path. DESIGN §2 adds it
             (weight 1); measured on MNIST it made couplers better classifiers but worse models of
             the blocks they stand for, and cost accuracy, so the default is 0 (BENCHMARKS.md).
         seed: seeds the initialisation of couplers and heads, so compiling twice gives the same model.
+        executor: ``"loop"`` runs the tasks of a stage one after another; ``"batched"`` runs the block
+            updates of structurally identical blocks in one stage as one ``torch.func.vmap`` over
+            stacked parameters, which then hold the blocks' weights (the model's parameters become
+            views of them). Blocks with buffers (BatchNorm) or tied weights, and steps whose inputs
+            differ in shape, run in the loop. See :mod:`hbll_compile.runtime.batching`.
     """
 
     objective: str = "hbll"
@@ -48,10 +67,13 @@ class HBLLConfig:
     correction: str = "parareal"
     coupler_cost: float = 0.05
     coupler_layers: int = 2
+    coupler_gain: float = 4.0
+    output_tail: str = "auto"
     local_head_weight: float = 0.0
     consistency_weight: float = 1.0
     coupler_path_weight: float = 0.0
     seed: int = 0
+    executor: str = "loop"
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -62,6 +84,8 @@ class HBLLConfig:
             raise ValueError(f"HBLLConfig.corrections must be >= 0, got {self.corrections}")
         if self.coupler_cost <= 0:
             raise ValueError(f"HBLLConfig.coupler_cost must be > 0, got {self.coupler_cost}")
+        if self.coupler_gain <= 0:
+            raise ValueError(f"HBLLConfig.coupler_gain must be > 0, got {self.coupler_gain}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

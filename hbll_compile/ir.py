@@ -47,6 +47,23 @@ class BlockSpec:
 
 
 @dataclass(frozen=True)
+class Tail:
+    """The model's output tail: the part of block N after its last legal cut, or all of block N when
+    it has none. Couplers whose span ends at the output write ``input`` and then run the tail.
+
+    ``input.index`` is N-1 when the tail is all of block N (its input is boundary N-1), else N (a cut
+    inside block N); ``spec`` describes the tail's nodes, FLOPs and context reads like a block's.
+    """
+
+    input: Boundary
+    spec: BlockSpec
+
+    @property
+    def is_whole_block(self) -> bool:
+        return self.input.index < self.spec.index
+
+
+@dataclass(frozen=True)
 class TreeNode:
     """A node of the block tree. Leaves cover one block; internal nodes own a coupler."""
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from hbll_compile.config import HBLLConfig
 from hbll_compile.errors import TrainingError
-from hbll_compile.ir import BlockSpec, Boundary, Tree
+from hbll_compile.ir import BlockSpec, Boundary, Tail, Tree
 from hbll_compile.passes.couplers import CouplerPlan
 from hbll_compile.passes.graph import lookup
 from hbll_compile.passes.lower import Lowered, bind_state
@@ -61,6 +61,8 @@ class HBLLModel(nn.Module):
             self.constants.register_buffer(f"c{i}", tensor)
             self._constant_names[target] = f"c{i}"
         self.tree = tree
+        object.__setattr__(self, "tail", lowered.tail)  # not a submodule: block N already owns its state
+        self.tail_info: Tail = lowered.tail_info
         self.specs: list[BlockSpec] = lowered.specs
         self.boundaries: list[Boundary] = lowered.boundaries
         self.input_names = lowered.input_names
@@ -89,7 +91,7 @@ class HBLLModel(nn.Module):
         for name, child in self.named_children():
             if name not in ("blocks", "context"):
                 child._apply(fn)
-        for module in (self.context, *self.blocks):
+        for module in (self.context, *self.blocks, self.tail):
             bind_state(module, self._resolve)
         return self
 
@@ -115,23 +117,32 @@ class HBLLModel(nn.Module):
     def run_block_frozen(self, i: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         """Block i as a fixed function: no gradient reaches its parameters and, in train mode, its
         running statistics (BatchNorm) are not updated. Used inside paths and estimates."""
-        block = self.blocks[i - 1]
-        args = (h, *(env[name] for name in self.specs[i - 1].context))
-        if not self._needs_isolation[i - 1]:
-            return block(*args)  # backward(inputs=...) already keeps its parameters out of the update
-        state = {name: p.detach() for name, p in block.named_parameters()}
-        state.update((name, b.clone()) for name, b in block.named_buffers())
-        return torch.func.functional_call(block, state, args)
+        return self._run_frozen(self.blocks[i - 1], self._needs_isolation[i - 1], self.specs[i - 1], h, env)
+
+    def run_tail(self, t: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
+        """The model's output tail (see :class:`~hbll_compile.ir.Tail`) as a fixed function."""
+        return self._run_frozen(self.tail, self._needs_isolation[-1], self.tail_info.spec, t, env)
+
+    @staticmethod
+    def _run_frozen(
+        module: nn.Module, isolate: bool, spec: BlockSpec, h: torch.Tensor, env: dict[str, Any]
+    ) -> torch.Tensor:
+        args = (h, *(env[name] for name in spec.context))
+        if not isolate:
+            return module(*args)  # backward(inputs=...) already keeps its parameters out of the update
+        state = {name: p.detach() for name, p in module.named_parameters()}
+        state.update((name, b.clone()) for name, b in module.named_buffers())
+        return torch.func.functional_call(module, state, args)
 
     def run_coupler(self, node: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         """Coupler of tree node ``node`` on its span's left boundary: block 1 first for token inputs,
-        block N last for spans that end at the output (see :mod:`hbll_compile.passes.couplers`)."""
+        the output tail last for spans that end at the output (see :mod:`hbll_compile.passes.couplers`)."""
         plan = self._plan[node]
         if plan.source != plan.span[0]:
             h = self.run_block_frozen(1, h, env)
         h = self.couplers[str(node)](h)
-        if plan.sink != plan.span[1]:
-            h = self.run_block_frozen(plan.span[1], h, env)
+        if plan.runs_tail:
+            h = self.run_tail(h, env)
         return h
 
     def run_node(self, node: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
@@ -197,7 +208,7 @@ class HBLLModel(nn.Module):
             else:
                 plan = self._plan[node.id]
                 total += plan.flops + (per_block[0] if plan.source != plan.span[0] else 0)
-                total += per_block[plan.span[1] - 1] if plan.sink != plan.span[1] else 0
+                total += self.tail_info.spec.flops / self.report["example_batch"] if plan.runs_tail else 0
         return int(total)
 
     def depth_report(self, loader: Iterable[Sequence[torch.Tensor]]) -> list[dict[str, float]]:

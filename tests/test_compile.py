@@ -53,6 +53,53 @@ def test_blocks_reproduce_model(name: str, n: int) -> None:
         assert torch.allclose(b.float(), c.float(), atol=TOL), bname
 
 
+@pytest.mark.parametrize("name", list(ZOO), ids=list(ZOO))
+def test_output_tail_is_the_end_of_block_n(name: str) -> None:
+    """The tail (what sink couplers run) is a suffix of block N and, fed the value crossing its cut,
+    gives block N's output."""
+    case: Case = ZOO[name]
+    n = max(case.blocks)
+    m = hc.hbll_compile(case.build(), case.example(), blocks=n).eval()
+    tail = m.tail_info
+    assert m.specs[-1].nodes[-len(tail.spec.nodes):] == tail.spec.nodes
+    assert tail.spec.flops <= m.specs[-1].flops
+    x = case.example(batch=3, seed=1)
+    env = m.environment(*x)
+    h = x[0]
+    for i in range(1, n):
+        h = m.run_block(i, h, env)
+    seen: dict[str, torch.Tensor] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node) -> object:
+            seen[node.name] = out = super().run_node(node)
+            return out
+
+    with torch.no_grad():
+        expected = Recorder(m.blocks[-1]).run(h, *(env[c] for c in m.specs[-1].context))
+        t = h if tail.is_whole_block else seen[tail.input.node]
+        assert tuple(t.shape[1:]) == tail.input.shape
+        assert _max_diff(m.run_tail(t, env), expected) <= TOL
+    for plan in m.coupler_plans:
+        assert plan.runs_tail == (plan.span[1] == n)
+
+
+def test_tail_of_a_residual_mlp_is_its_head_or_the_whole_block() -> None:
+    model, n = ZOO["resmlp"].build(), max(ZOO["resmlp"].blocks)
+    m = hc.hbll_compile(model, ZOO["resmlp"].example(), blocks=n)
+    assert not m.tail_info.is_whole_block
+    assert m.tail_info.spec.param_count == sum(p.numel() for p in model.head.parameters())
+    whole = hc.hbll_compile(model, ZOO["resmlp"].example(), blocks=n, config=hc.HBLLConfig(output_tail="block"))
+    assert whole.tail is whole.blocks[-1] and whole.tail_info.is_whole_block
+    assert [p.sink for p in whole.coupler_plans if p.runs_tail] == [n - 1] * whole.tree.depth
+
+
+@pytest.mark.parametrize(("tail", "whole_block"), [("auto", True), ("head", False), ("block", True)])
+def test_auto_tail_keeps_attention_exact_for_sequences(tail: str, whole_block: bool) -> None:
+    m = hc.hbll_compile(ZOO["gpt"].build(), ZOO["gpt"].example(), blocks=4, config=hc.HBLLConfig(output_tail=tail))
+    assert m.tail_info.is_whole_block == whole_block
+
+
 def test_tied_weights_stay_tied() -> None:
     model = ZOO["gpt"].build()
     m = hc.hbll_compile(model, ZOO["gpt"].example(), blocks=4)

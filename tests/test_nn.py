@@ -120,11 +120,11 @@ def test_compose_rejects_mismatched_parts():
 
 
 @FAST
-@given(adapter_pairs(), st.integers(1, 8), st.integers(0, 3), st.integers(0, 2**31 - 1))
-def test_coupler_inverse_and_shape(pair, hidden, n_layers, seed):
+@given(adapter_pairs(), st.integers(1, 8), st.integers(0, 3), st.integers(0, 2**31 - 1), st.sampled_from([1.0, 4.0]))
+def test_coupler_inverse_and_shape(pair, hidden, n_layers, seed, gain):
     in_shape, out_shape = pair
     torch.manual_seed(seed)
-    coupler = Coupler(in_shape, out_shape, hidden, n_layers)
+    coupler = Coupler(in_shape, out_shape, hidden, n_layers, gain)
     randomize(coupler)
     x = torch.randn(BATCH, *in_shape)
     y = coupler(x)
@@ -145,6 +145,16 @@ def test_fresh_coupler_with_identity_adapter_is_identity(shape, hidden):
     assert coupler.bijective
     x = torch.randn(BATCH, *shape)
     assert (coupler(x) - x).abs().max().item() <= 1e-6
+
+
+def test_gain_scales_the_residual_update():
+    torch.manual_seed(0)
+    plain, scaled = AdditiveCoupling((6,), hidden=4), AdditiveCoupling((6,), hidden=4, gain=3.0)
+    randomize(plain)
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(BATCH, 6)
+    torch.testing.assert_close((scaled(x) - x)[:, :3], 3.0 * (plain(x) - x)[:, :3])
+    torch.testing.assert_close(scaled.inverse(scaled(x)), x, atol=1e-5, rtol=0)
 
 
 def test_feature_size_one_coupling_is_a_learned_offset():

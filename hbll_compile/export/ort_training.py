@@ -175,8 +175,8 @@ def _coupler_blocks(m: HBLLModel, node: int) -> set[int]:
     out = set()
     if plan.source != plan.span[0]:
         out.add(1)
-    if plan.sink != plan.span[1]:
-        out.add(plan.span[1])
+    if plan.runs_tail:
+        out.add(plan.span[1])  # the tail is part of block N and reads a subset of its context
     return out
 
 

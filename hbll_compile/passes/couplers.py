@@ -4,19 +4,22 @@ A coupler for node v with span (a, b] maps boundary a to an estimate of boundary
 special, and there the coupler runs one of the model's own blocks exactly, as a fixed map:
 - where the span starts at the model input and that input is not a float tensor (token ids), it first
   runs block 1 and couples from boundary 1 (``source = 1``);
-- where the span ends at the model output (b = N > a + 1), it couples into boundary N-1 and then runs
-  block N, the model's own head (``sink = N - 1``). DESIGN §1 crops channels into the logits instead;
-  measured on MNIST, keeping the real head in every path was far more accurate (BENCHMARKS.md).
+- where the span ends at the model output (b = N), it couples into the input of the model's output
+  *tail* (block N from its last legal cut on, e.g. the final linear layer; see
+  :class:`~hbll_compile.ir.Tail`) and then runs the tail (``runs_tail``). DESIGN §1 crops channels
+  into the logits instead; measured on MNIST, keeping the model's own head in every path was far more
+  accurate (BENCHMARKS.md). Running only the tail, not all of block N, keeps the N paths that end
+  there cheap.
 
-The learned part's FLOP budget is ``config.coupler_cost`` times the per-sample FLOPs of the blocks it
-stands in for (``source`` + 1 .. ``sink``).
+The learned part's FLOP budget is ``config.coupler_cost`` times the per-sample FLOPs of the graph it
+stands in for (blocks ``source`` + 1 .. ``b``, less the tail when it runs one).
 
 Example:
     >>> import torch, hbll_compile as hc
     >>> net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
     >>> m = hc.hbll_compile(net, (torch.randn(2, 8),), blocks=4)
-    >>> [(p.span, p.source, p.sink) for p in m.coupler_plans]
-    [((0, 4), 0, 3), ((0, 2), 0, 2), ((2, 4), 2, 3)]
+    >>> [(p.span, p.source, p.sink, p.runs_tail) for p in m.coupler_plans]
+    [((0, 4), 0, 3, True), ((0, 2), 0, 2, False), ((2, 4), 2, 3, True)]
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import nn
 
 from hbll_compile.config import HBLLConfig
 from hbll_compile.errors import CompileError
-from hbll_compile.ir import BlockSpec, Boundary, Tree
+from hbll_compile.ir import BlockSpec, Boundary, Tail, Tree
 from hbll_compile.nn.coupling import Coupler
 
 
@@ -41,35 +44,42 @@ class CouplerPlan:
     source: int
     """The boundary the learned part reads: ``span[0]``, or 1 when it first runs block 1 on token ids."""
     sink: int
-    """The boundary the learned part writes: ``span[1]``, or N-1 when block N finishes the coupler."""
+    """The boundary the learned part writes: ``span[1]``, or the tail's input (``Tail.input.index``)."""
+    runs_tail: bool
+    """Whether the model's output tail finishes the coupler (spans that end at the output)."""
     budget: int
     flops: int
     hidden: int
 
 
 def build_couplers(
-    tree: Tree, boundaries: list[Boundary], specs: list[BlockSpec], config: HBLLConfig, example_batch: int
+    tree: Tree, boundaries: list[Boundary], specs: list[BlockSpec], tail: Tail, config: HBLLConfig,
+    example_batch: int,
 ) -> tuple[nn.ModuleDict, list[CouplerPlan]]:
     """Couplers keyed by ``str(node.id)``, seeded by ``config.seed`` (the global RNG is left untouched)."""
     couplers, plans = nn.ModuleDict(), []
     per_sample = [spec.flops / max(example_batch, 1) for spec in specs]
+    tail_flops = tail.spec.flops / max(example_batch, 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         for node in tree.internal_nodes:
             a, b = node.span
             source = 1 if a == 0 and not _is_float(boundaries[0]) else a
-            sink = b - 1 if b == tree.n_blocks and b - 1 > source else b
-            budget = max(1, int(config.coupler_cost * sum(per_sample[source:sink])))
+            runs_tail = b == tree.n_blocks
+            written = tail.input if runs_tail else boundaries[b]
+            stands_for = sum(per_sample[source:b]) - (tail_flops if runs_tail else 0)
+            budget = max(1, int(config.coupler_cost * stands_for))
             try:
-                coupler = Coupler.for_budget(boundaries[source].shape, boundaries[sink].shape, budget,
-                                             n_layers=config.coupler_layers)
+                coupler = Coupler.for_budget(boundaries[source].shape, written.shape, budget,
+                                             n_layers=config.coupler_layers, gain=config.coupler_gain)
             except ValueError as err:
                 raise CompileError(f"cannot build the coupler of span {node.span}: {err}",
                                    node=f"boundary {source} ({boundaries[source].node})",
                                    remedy="choose another block count, or train with objective='dgl' or 'bp', "
                                    "which need no couplers") from err
             couplers[str(node.id)] = coupler
-            plans.append(CouplerPlan(node.id, node.span, source, sink, budget, coupler.flops(), coupler.hidden))
+            plans.append(CouplerPlan(node.id, node.span, source, written.index, runs_tail, budget, coupler.flops(),
+                                     coupler.hidden))
     return couplers, plans
 
 

@@ -1,6 +1,8 @@
 """Lowering: split the captured graph into a context GraphModule and N block GraphModules.
 
 Calling convention (read by the runtime, never re-derived):
+- ``tail(t, *[env[name] for name in tail.spec.context])`` runs the model's output tail (block N from
+  its last legal cut on, see :class:`~hbll_compile.ir.Tail`) on the value ``t`` crossing that cut;
 - ``context(*inputs)`` returns the tuple of context values named ``Lowered.context_names``;
 - the *environment* of one forward is ``{input name: input} | {context name: value}``;
 - block i is called as ``blocks[i-1](h_{i-1}, *[env[name] for name in specs[i-1].context])``, where
@@ -32,7 +34,7 @@ import torch.fx as fx
 from torch import nn
 
 from hbll_compile.errors import LoweringError
-from hbll_compile.ir import BlockSpec, Boundary
+from hbll_compile.ir import BlockSpec, Boundary, Tail
 from hbll_compile.passes.capture import Captured
 from hbll_compile.passes.graph import GraphView, lookup
 from hbll_compile.passes.partition import Partition
@@ -48,10 +50,22 @@ class Lowered:
     boundaries: list[Boundary]
     constants: dict[str, torch.Tensor]
     """Captured tensors that are not attributes of the user's model (``target -> tensor``)."""
+    tail: fx.GraphModule
+    """Block N from its last legal cut on (``blocks[-1]`` itself when block N has no legal cut, or
+    with ``output_tail="block"``)."""
+    tail_info: Tail
 
 
-def lower(captured: Captured, view: GraphView, partition: Partition, model: nn.Module) -> Lowered:
-    """Build the context and block GraphModules for ``partition`` (see the module docstring)."""
+def lower(
+    captured: Captured, view: GraphView, partition: Partition, model: nn.Module, *, output_tail: str = "auto"
+) -> Lowered:
+    """Build the context and block GraphModules for ``partition`` (see the module docstring).
+
+    ``output_tail="head"`` makes the tail block N from its last legal cut on; ``"block"`` makes it all
+    of block N; ``"auto"`` is ``"head"`` unless the value crossing that cut is a sequence (T, D),
+    where couplers are per-position maps that cannot stand in for the attention or token mixing of
+    block N.
+    """
     gm = captured.gm
     nodes = {n.name: n for n in gm.graph.nodes}
     input_names = tuple(view.inputs)
@@ -73,21 +87,37 @@ def lower(captured: Captured, view: GraphView, partition: Partition, model: nn.M
     context = _graph_module(gm, context_graph, resolve, "Context")
     blocks = [_graph_module(gm, g, resolve, f"Block{i + 1}") for i, g in enumerate(block_graphs)]
 
-    specs = []
-    for i, (block, r) in enumerate(zip(blocks, reads)):
-        members = view.sequence[bounds[i]:bounds[i + 1]]
-        specs.append(BlockSpec(
-            index=i + 1,
-            nodes=tuple(members),
-            flops=sum(nodes[m].meta["hbll"].flops for m in members),
-            param_count=sum(p.numel() for p in block.parameters()),
-            context=tuple(r),
-        ))
-    boundaries = []
-    for i, name in enumerate(boundary_nodes):
-        info = nodes[name].meta["hbll"]
-        boundaries.append(Boundary(index=i, node=name, shape=tuple(info.shape or ())[1:], dtype=info.dtype or ""))
-    return Lowered(context, context_names, input_names, blocks, specs, boundaries, constants)
+    specs = [_spec(i + 1, view.sequence[bounds[i]:bounds[i + 1]], block, r, nodes)
+             for i, (block, r) in enumerate(zip(blocks, reads))]
+    boundaries = [_boundary(i, name, nodes) for i, name in enumerate(boundary_nodes)]
+
+    n = len(blocks)
+    inner = [c for c in view.legal_cuts if bounds[-2] < c] if output_tail != "block" else []
+    if inner and output_tail == "auto" and len(_boundary(n, view.crossing[inner[-1]], nodes).shape) == 2:
+        inner = []
+    if inner:
+        members = view.sequence[inner[-1]:]
+        graph, tail_reads = _block_graph(nodes, members, view.crossing[inner[-1]], view.output)
+        tail = _graph_module(gm, graph, resolve, "Tail")
+        tail_info = Tail(_boundary(n, view.crossing[inner[-1]], nodes), _spec(n, members, tail, tail_reads, nodes))
+    else:
+        tail, tail_info = blocks[-1], Tail(boundaries[n - 1], specs[-1])
+    return Lowered(context, context_names, input_names, blocks, specs, boundaries, constants, tail, tail_info)
+
+
+def _spec(index: int, members: list[str], module: nn.Module, reads: list[str], nodes: dict[str, fx.Node]) -> BlockSpec:
+    return BlockSpec(
+        index=index,
+        nodes=tuple(members),
+        flops=sum(nodes[m].meta["hbll"].flops for m in members),
+        param_count=sum(p.numel() for p in module.parameters()),
+        context=tuple(reads),
+    )
+
+
+def _boundary(index: int, name: str, nodes: dict[str, fx.Node]) -> Boundary:
+    info = nodes[name].meta["hbll"]
+    return Boundary(index=index, node=name, shape=tuple(info.shape or ())[1:], dtype=info.dtype or "")
 
 
 def _block_graph(

@@ -5,6 +5,10 @@ One :meth:`Executor.step` runs the stages in order and the tasks of a stage one 
 stage are independent, so a batched or multi-device executor may run them together: it only needs to
 implement the same per-kind handlers.
 
+With ``HBLLConfig(executor="batched")`` the block updates of structurally identical blocks in one stage
+run as one vmapped forward and one backward over stacked parameters (:mod:`~hbll_compile.runtime.batching`);
+everything else, and any member whose input differs in shape from the others, runs in the loop.
+
 Wavefront schedules read values of earlier steps; the executor keeps them in a ring of the N+1 most
 recent batches (see :func:`~hbll_compile.runtime.schedule.value_source`). Tasks whose inputs are not
 there yet (the first N-1 steps) are skipped.
@@ -21,14 +25,15 @@ Example:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from hbll_compile.runtime.batching import BatchPlan, StackedBlocks, batch_key, plan_batching, stack_context
 from hbll_compile.runtime.objectives import Env, Units, coupler_loss, head_loss, path_loss
-from hbll_compile.runtime.schedule import Schedule, Task, value_source
+from hbll_compile.runtime.schedule import Schedule, Stage, Task, value_source
 
 
 @dataclass
@@ -39,6 +44,26 @@ class _Batch:
     y: torch.Tensor
     env: Env
     h: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The block updates of one stage whose blocks form one batching group, in block order."""
+
+    stack: StackedBlocks
+    tasks: tuple[Task, ...]
+    members: tuple[int, ...]
+    """Each task's block's position in ``stack``."""
+
+
+class _Ready(NamedTuple):
+    """One member of a group whose inputs are there this step."""
+
+    member: int
+    task: Task
+    h: torch.Tensor
+    y: torch.Tensor
+    env: Env
 
 
 class Executor:
@@ -57,6 +82,12 @@ class Executor:
         # a head whose block is updated in the same stage joins that update: one forward, one backward
         self._head_of = {t.unit[1]: t for stage in schedule.stages for t in stage if t.kind == "head_update"}
         self._fused = [{t.unit[1] for t in stage if t.kind == "block_update"} for stage in schedule.stages]
+        self.batching: BatchPlan | None = plan_batching(units.blocks) if units.config.executor == "batched" else None
+        """Which blocks run as one vmap under ``executor="batched"`` (None for the loop executor)."""
+        groups = self.batching.groups if self.batching else ()
+        self.stacks = {group: StackedBlocks([units.blocks[i - 1] for i in group]) for group in groups}
+        """The stacked parameters of each group, by its blocks."""
+        self._grouped = [_group_tasks(stage, self.stacks) for stage in schedule.stages]
 
     def reset(self) -> None:
         """Forget the wavefront pipeline (e.g. after changing the weights by hand)."""
@@ -70,10 +101,14 @@ class Executor:
             self.ring.appendleft(_Batch(inputs[0], target, env))
         self._values = {"x": inputs[0], "y": target}
         self._env, self._memo, self._bp, self._losses = env, {}, {}, {}
-        for stage, fused in zip(self.schedule.stages, self._fused):
+        for stage, fused, grouped in zip(self.schedule.stages, self._fused, self._grouped):
             for task in stage:
                 if task.kind == "head_update" and task.unit[1] in fused:
                     continue  # added to the block's own update
+                if task in grouped:
+                    if task == grouped[task].tasks[0]:  # the group runs where its first member would
+                        self._block_updates(grouped[task])
+                    continue
                 handler = getattr(self, f"_{task.kind}")
                 if task.kind == "block_update":
                     handler(task, self._head_of.get(task.unit[1]))
@@ -145,13 +180,58 @@ class Executor:
             return  # wavefront warm-up: this block's batch has not arrived yet
         env = self._env_of(h_name)
         out = self.units.run_block(i, h.detach(), env)
+        loss, total, head_params = self._local_loss(task, head, out, y, env)
+        _backward(total, [*self.units.blocks[i - 1].parameters(), *head_params])
+        self._record(task, loss, out)
+
+    def _block_updates(self, group: _Group) -> None:
+        """The block updates of one group: members whose inputs are there and alike (shape, context) run
+        as one vmap; a member alike to no other runs in the loop (e.g. the smaller last batch of an epoch
+        in wavefront mode)."""
+        alike: dict[Hashable, list[_Ready]] = {}
+        for member, task in zip(group.members, group.tasks):
+            h_name, y_name = task.reads
+            h, y = self._read(h_name), self._read(y_name)
+            if h is None or y is None:
+                continue  # wavefront warm-up: this block's batch has not arrived yet
+            env = self._env_of(h_name)
+            key = batch_key(h, [env[name] for name in group.stack.context])
+            alike.setdefault(key, []).append(_Ready(member, task, h, y, env))
+        for ready in alike.values():
+            if len(ready) == 1:
+                self._block_update(ready[0].task, self._head_of.get(ready[0].task.unit[1]))
+            else:
+                self._batched_update(group.stack, ready)
+
+    def _batched_update(self, stack: StackedBlocks, ready: Sequence[_Ready]) -> None:
+        """One vmapped forward of the ready members, their losses in a loop, one backward into the
+        stacked parameters (and fused heads), then each member parameter gets its slice of the gradient."""
+        members = tuple(r.member for r in ready)
+        h = torch.stack([r.h.detach() for r in ready])
+        out = stack(members, h, stack_context([[r.env[name] for name in stack.context] for r in ready]))
+        totals, params = [], list(stack.stacked)
+        for r, out_r in zip(ready, out):
+            loss, total, head_params = self._local_loss(r.task, self._head_of.get(r.task.unit[1]), out_r, r.y, r.env)
+            totals.append(total)
+            params += head_params
+            self._record(r.task, loss, out_r)
+        _backward(torch.stack(totals).sum(), params)
+        stack.hand_out_grads(members)
+
+    def _local_loss(
+        self, task: Task, head: Task | None, out: torch.Tensor, y: torch.Tensor, env: Env
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.nn.Parameter]]:
+        """Block i's path loss, that loss plus its fused head's weighted loss, and the head's parameters."""
+        i = task.unit[1]
         loss = path_loss(self.units, task.path, out, y, env)
-        total, params = loss, list(self.units.blocks[i - 1].parameters())
-        if head is not None:
-            total = total + self.units.config.local_head_weight * head_loss(self.units, i, out, y)
-            params += self.units.heads[str(i)].parameters()
-        _backward(total, params)
-        self._losses[i] = loss
+        if head is None:
+            return loss, loss, []
+        total = loss + self.units.config.local_head_weight * head_loss(self.units, i, out, y)
+        return loss, total, list(self.units.heads[str(i)].parameters())
+
+    def _record(self, task: Task, loss: torch.Tensor, out: torch.Tensor) -> None:
+        """Keep a block update's loss and write its detached output (wavefront: ``h{i}@next``)."""
+        self._losses[task.unit[1]] = loss
         if task.writes:
             self._write(task.writes[0], out.detach())
 
@@ -205,7 +285,19 @@ class Executor:
         return self.units.tree.leaves[block - 1].id
 
 
-def _backward(loss: torch.Tensor, params: Iterable[torch.nn.Parameter]) -> None:
+def _group_tasks(stage: Stage, stacks: dict[tuple[int, ...], StackedBlocks]) -> dict[Task, _Group]:
+    """Each block update of ``stage`` whose group has at least two updates in it -> that group's updates."""
+    updates = {t.unit[1]: t for t in stage if t.kind == "block_update"}
+    grouped: dict[Task, _Group] = {}
+    for blocks, stack in stacks.items():
+        members = tuple(j for j, i in enumerate(blocks) if i in updates)
+        if len(members) > 1:
+            group = _Group(stack, tuple(updates[blocks[j]] for j in members), members)
+            grouped.update((task, group) for task in group.tasks)
+    return grouped
+
+
+def _backward(loss: torch.Tensor, params: Iterable[torch.Tensor]) -> None:
     """Backward into ``params`` only: nothing else on the graph receives a gradient."""
     trainable = [p for p in dict.fromkeys(params) if p.requires_grad]
     if trainable and loss.requires_grad:
