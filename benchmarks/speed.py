@@ -1,7 +1,7 @@
 """Speed benchmark: per-step wall time, FLOPs and critical path of BP against HBLL on the same network.
 
-For each configuration it builds a residual-MLP stack of N blocks (one residual block per HBLL block),
-and times ``m.training_step`` + ``optimizer.step()`` under ``objective="bp"`` and ``"hbll"``, both run by
+For each configuration it builds a network (``--model``: by default a residual-MLP stack of N blocks,
+one residual block per HBLL block; or the ResNet or char-GPT of ``examples/``), and times ``m.training_step`` + ``optimizer.step()`` under ``objective="bp"`` and ``"hbll"``, both run by
 the same executor; the HBLL rows run once per ``--executors`` entry (``"loop"``: tasks one after
 another; ``"batched"``: identical blocks as one vmap over stacked parameters). FLOPs per step are
 counted with ``torch.utils.flop_counter.FlopCounterMode``; peak memory is reported on CUDA devices. On
@@ -9,6 +9,8 @@ a GPU it also times BP as one captured CUDA graph (the strong baseline of issue 
 
 Examples:
     python benchmarks/speed.py --blocks 8 32 --width 256 --batch 64 --device cpu
+    python benchmarks/speed.py --model resnet --blocks 4 8 --batch 64 --device cpu
+    python benchmarks/speed.py --model gpt --blocks 4 8 --width 128 --batch 32 --device cpu
     python benchmarks/speed.py --blocks 8 32 128 --width 256 1024 --batch 64 512 --device cuda   # GPU rows
 """
 
@@ -19,6 +21,8 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +33,14 @@ from torch.utils.flop_counter import FlopCounterMode
 import hbll_compile as hc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from charlm_gpt import build_model as build_gpt  # noqa: E402
+from charlm_gpt import sequence_loss  # noqa: E402
+from cifar10_resnet import build_model as build_resnet  # noqa: E402
 from mnist_resmlp import ResidualBlock  # noqa: E402  (the same block the accuracy benchmark trains)
+
+MODELS = ("stack", "resnet", "gpt")
+"""``stack``: :class:`Stack` of N blocks of ``width``; ``resnet``: ``examples/cifar10_resnet.py`` (BatchNorm,
+3x32x32 inputs; ``width`` unused); ``gpt``: ``examples/charlm_gpt.py`` with N layers of ``width``, context 64."""
 
 
 class Stack(nn.Module):
@@ -44,19 +55,41 @@ class Stack(nn.Module):
         return self.head(self.blocks(x))
 
 
+@dataclass
+class Workload:
+    """A network, one batch and its loss (on the CPU)."""
+
+    net: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def workload(model: str, n: int, width: int, batch: int) -> Workload:
+    """The network ``model`` (see :data:`MODELS`) sized for N blocks, with a random batch."""
+    torch.manual_seed(0)
+    if model == "stack":
+        return Workload(Stack(width, n), torch.randn(batch, width), torch.randint(0, 10, (batch,)), F.cross_entropy)
+    if model == "resnet":
+        return Workload(build_resnet(), torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,)), F.cross_entropy)
+    vocab, context = 96, 64
+    tokens = torch.randint(0, vocab, (batch, context + 1))
+    return Workload(build_gpt(vocab, layers=n, dim=width, context=context), tokens[:, :-1], tokens[:, 1:],
+                    sequence_loss)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def measure(objective: str, n: int, width: int, batch: int, device: torch.device, steps: int,
+def measure(model: str, objective: str, n: int, width: int, batch: int, device: torch.device, steps: int,
             config: dict) -> dict[str, float]:
-    torch.manual_seed(0)
-    net = Stack(width, n)  # compiled on the CPU, then moved: HBLLModel.to() moves the user's model too
-    m = hc.hbll_compile(net, (torch.randn(2, width),), blocks=n, loss=F.cross_entropy,
+    work = workload(model, n, width, batch)
+    # compiled on the CPU, then moved: HBLLModel.to() moves the user's model too
+    m = hc.hbll_compile(work.net, (work.x[:2],), blocks=n, loss=work.loss,
                         config=hc.HBLLConfig(objective=objective, **config)).to(device)
-    x = torch.randn(batch, width, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
+    x, y = work.x.to(device), work.y.to(device)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
 
     def step() -> None:
@@ -77,7 +110,8 @@ def measure(objective: str, n: int, width: int, batch: int, device: torch.device
         step()
         _sync(device)
         times.append(time.perf_counter() - start)
-    row = {"objective": objective, "executor": m.config.executor, "blocks": n, "width": width, "batch": batch,
+    row = {"model": model, "objective": objective, "executor": m.config.executor, "blocks": n, "width": width,
+           "batch": batch,
            "device": _device_name(device), "ms_per_step": 1e3 * statistics.median(times),
            "gflops_per_step": counter.get_total_flops() / 1e9, "critical_path": m.schedule.critical_path()}
     if device.type == "cuda":
@@ -85,25 +119,24 @@ def measure(objective: str, n: int, width: int, batch: int, device: torch.device
     return row
 
 
-def measure_bp_cuda_graph(n: int, width: int, batch: int, device: torch.device, steps: int) -> dict[str, float]:
+def measure_bp_cuda_graph(model: str, n: int, width: int, batch: int, device: torch.device,
+                          steps: int) -> dict[str, float]:
     """The whole BP step (forward, backward, capturable AdamW) captured as one CUDA graph."""
-    torch.manual_seed(0)
-    net = Stack(width, n).to(device)
-    x = torch.randn(batch, width, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
+    work = workload(model, n, width, batch)
+    net, x, y, loss = work.net.to(device), work.x.to(device), work.y.to(device), work.loss
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, capturable=True)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
             opt.zero_grad(set_to_none=False)
-            F.cross_entropy(net(x), y).backward()
+            loss(net(x), y).backward()
             opt.step()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=False)
     with torch.cuda.graph(graph):
-        F.cross_entropy(net(x), y).backward()
+        loss(net(x), y).backward()
         opt.step()
     times = []
     for _ in range(steps):
@@ -112,8 +145,8 @@ def measure_bp_cuda_graph(n: int, width: int, batch: int, device: torch.device, 
         graph.replay()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return {"objective": "bp-cudagraph", "blocks": n, "width": width, "batch": batch, "device": _device_name(device),
-            "ms_per_step": 1e3 * statistics.median(times), "critical_path": 2 * n}
+    return {"model": model, "objective": "bp-cudagraph", "blocks": n, "width": width, "batch": batch,
+            "device": _device_name(device), "ms_per_step": 1e3 * statistics.median(times), "critical_path": 2 * n}
 
 
 def _device_name(device: torch.device) -> str:
@@ -122,6 +155,7 @@ def _device_name(device: torch.device) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=MODELS, default="stack")
     p.add_argument("--blocks", type=int, nargs="+", default=[8, 32])
     p.add_argument("--width", type=int, nargs="+", default=[256])
     p.add_argument("--batch", type=int, nargs="+", default=[64])
@@ -137,15 +171,15 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.blocks:
         for width in args.width:
             for batch in args.batch:
-                bp = measure("bp", n, width, batch, device, args.steps, {})
-                hbll = [measure("hbll", n, width, batch, device, args.steps, {**args.config, "executor": executor})
-                        for executor in args.executors]
+                bp = measure(args.model, "bp", n, width, batch, device, args.steps, {})
+                hbll = [measure(args.model, "hbll", n, width, batch, device, args.steps,
+                                {**args.config, "executor": executor}) for executor in args.executors]
                 for row in hbll:
                     row["flops_ratio_to_bp"] = row["gflops_per_step"] / bp["gflops_per_step"]
                     row["speedup_vs_bp"] = bp["ms_per_step"] / row["ms_per_step"]
                 rows += [bp, *hbll]
                 if device.type == "cuda":
-                    graphed = measure_bp_cuda_graph(n, width, batch, device, args.steps)
+                    graphed = measure_bp_cuda_graph(args.model, n, width, batch, device, args.steps)
                     for row in hbll:
                         row["speedup_vs_bp_cudagraph"] = graphed["ms_per_step"] / row["ms_per_step"]
                     rows.append(graphed)
@@ -153,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         with Path(args.out).open("a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-    keys = ["device", "objective", "executor", "blocks", "width", "batch", "ms_per_step", "gflops_per_step",
+    keys = ["device", "model", "objective", "executor", "blocks", "width", "batch", "ms_per_step", "gflops_per_step",
             "flops_ratio_to_bp", "speedup_vs_bp", "speedup_vs_bp_cudagraph", "critical_path", "peak_mem_mb"]
     print("| " + " | ".join(keys) + " |")
     print("|" + " --- |" * len(keys))

@@ -24,6 +24,7 @@ from hbll_compile.ir import BlockSpec, Boundary, Tail, Tree
 from hbll_compile.passes.couplers import CouplerPlan
 from hbll_compile.passes.graph import lookup
 from hbll_compile.passes.lower import Lowered, bind_state
+from hbll_compile.runtime.batching import blocks_sharing_parameters
 from hbll_compile.runtime.executor import Executor
 from hbll_compile.runtime.schedule import Schedule
 from hbll_compile.runtime.trainer import evaluate, fit
@@ -271,12 +272,7 @@ class _Null:
 
 def _needs_isolation(blocks: nn.ModuleList) -> list[bool]:
     """Blocks that must run on detached copies of their state when used as a fixed map: those with
-    buffers (BatchNorm statistics must not move) or with a parameter shared with another block (a
-    tied weight would otherwise collect gradient through another unit's path)."""
-    owners: dict[int, set[int]] = {}
-    for i, block in enumerate(blocks):
-        for p in block.parameters():
-            owners.setdefault(id(p), set()).add(i)
-    shared = {i for users in owners.values() if len(users) > 1 for i in users}
-    return [i in shared or any(True for _ in block.buffers()) for i, block in enumerate(blocks)]
-
+    buffers (BatchNorm statistics must not move) or with a tied parameter (a tied weight would otherwise
+    collect gradient through another unit's path)."""
+    tied = blocks_sharing_parameters(blocks)
+    return [i in tied or any(True for _ in block.buffers()) for i, block in enumerate(blocks, 1)]

@@ -80,7 +80,7 @@ def plan_batching(blocks: Sequence[fx.GraphModule]) -> BatchPlan:
         >>> plan_batching(hc.hbll_compile(net, (torch.randn(2, 4),), blocks=4).blocks).groups
         ((2, 3, 4),)
     """
-    tied = _tied(blocks)
+    tied = blocks_sharing_parameters(blocks)
     fallbacks: dict[int, str] = {}
     alike: dict[Hashable, list[int]] = {}
     for i, block in enumerate(blocks, 1):
@@ -322,8 +322,16 @@ def _slot(block: nn.Module, name: str) -> tuple[nn.Module, str]:
     return block.get_submodule(prefix), leaf
 
 
-def _tied(blocks: Sequence[nn.Module]) -> set[int]:
-    """Blocks (1-based) holding a parameter that appears more than once among all blocks' parameters."""
+def blocks_sharing_parameters(blocks: Sequence[nn.Module]) -> set[int]:
+    """Blocks (1-based) holding a parameter that appears more than once among all blocks' parameters
+    (tied weights, within one block or across blocks).
+
+    Example:
+        >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        >>> b.weight = a.weight
+        >>> blocks_sharing_parameters([a, b, torch.nn.Linear(2, 2)])
+        {1, 2}
+    """
     owners: dict[int, list[int]] = {}
     for i, block in enumerate(blocks, 1):
         for _, p in block.named_parameters(remove_duplicate=False):
