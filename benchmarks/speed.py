@@ -1,8 +1,9 @@
 """Speed benchmark: per-step wall time, FLOPs and critical path of BP against HBLL on the same network.
 
 For each configuration it builds a network (``--model``: by default a residual-MLP stack of N blocks,
-one residual block per HBLL block; or the ResNet or char-GPT of ``examples/``), and times ``m.training_step`` + ``optimizer.step()`` under ``objective="bp"`` and ``"hbll"``, both run by
-the same executor; the HBLL rows run once per ``--executors`` entry (``"loop"``: tasks one after
+one residual block per HBLL block; or the ResNet or char-GPT of ``examples/``), and times
+``m.training_step`` + ``optimizer.step()`` under ``objective="bp"`` and ``"hbll"``, both run by the
+same executor; the HBLL rows run once per ``--executors`` entry (``"loop"``: tasks one after
 another; ``"batched"``: identical blocks as one vmap over stacked parameters). FLOPs per step are
 counted with ``torch.utils.flop_counter.FlopCounterMode``; peak memory is reported on CUDA devices. On
 a GPU it also times BP as one captured CUDA graph (the strong baseline of issue 4).

@@ -93,13 +93,12 @@ def lower(
 
     n = len(blocks)
     inner = [c for c in view.legal_cuts if bounds[-2] < c] if output_tail != "block" else []
-    if inner and output_tail == "auto" and len(_boundary(n, view.crossing[inner[-1]], nodes).shape) == 2:
-        inner = []
-    if inner:
+    cut = _boundary(n, view.crossing[inner[-1]], nodes) if inner else None
+    if cut is not None and not (output_tail == "auto" and len(cut.shape) == 2):
         members = view.sequence[inner[-1]:]
-        graph, tail_reads = _block_graph(nodes, members, view.crossing[inner[-1]], view.output)
+        graph, tail_reads = _block_graph(nodes, members, cut.node, view.output)
         tail = _graph_module(gm, graph, resolve, "Tail")
-        tail_info = Tail(_boundary(n, view.crossing[inner[-1]], nodes), _spec(n, members, tail, tail_reads, nodes))
+        tail_info = Tail(cut, _spec(n, members, tail, tail_reads, nodes))
     else:
         tail, tail_info = blocks[-1], Tail(boundaries[n - 1], specs[-1])
     return Lowered(context, context_names, input_names, blocks, specs, boundaries, constants, tail, tail_info)
