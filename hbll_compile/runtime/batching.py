@@ -122,22 +122,22 @@ class StackedBlocks:
     """One group of identical blocks: stacked parameters (the source of truth) and their vmapped call.
 
     The stacks are built lazily, at the first call, and rebuilt whenever a member parameter was
-    replaced or given new storage. ``context`` names what the blocks read besides ``h`` (their inputs
-    after the first, which lowering names after the context values).
+    replaced or given new storage. ``context`` names what the blocks read besides ``h``, as lowering
+    recorded it (``BlockSpec.context``; identical blocks read the same names).
 
     Example:
         >>> import torch, hbll_compile as hc
         >>> net = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(3)])
-        >>> stack = StackedBlocks(hc.hbll_compile(net, (torch.randn(2, 4),), blocks=3).blocks)
+        >>> stack = StackedBlocks(hc.hbll_compile(net, (torch.randn(2, 4),), blocks=3).blocks, context=())
         >>> out = stack((0, 1, 2), torch.randn(3, 5, 4), [])
         >>> weight = stack.stacked[stack.names.index("0.weight")]
         >>> out.shape, net[2].weight.data_ptr() == weight[2].data_ptr()
         (torch.Size([3, 5, 4]), True)
     """
 
-    def __init__(self, blocks: Sequence[fx.GraphModule]) -> None:
+    def __init__(self, blocks: Sequence[fx.GraphModule], context: tuple[str, ...]) -> None:
         self.template = blocks[0]
-        self.context = tuple(n.target for n in self.template.graph.nodes if n.op == "placeholder")[1:]
+        self.context = context
         renamed = [_renamed(block, _tokens(block)) for block in blocks]
         order = list(renamed[0])
         self.names = tuple(renamed[0][norm] for norm in order)

@@ -85,7 +85,10 @@ class Executor:
         self.batching: BatchPlan | None = plan_batching(units.blocks) if units.config.executor == "batched" else None
         """Which blocks run as one vmap under ``executor="batched"`` (None for the loop executor)."""
         groups = self.batching.groups if self.batching else ()
-        self.stacks = {group: StackedBlocks([units.blocks[i - 1] for i in group]) for group in groups}
+        self.stacks = {
+            group: StackedBlocks([units.blocks[i - 1] for i in group], units.specs[group[0] - 1].context)
+            for group in groups
+        }
         """The stacked parameters of each group, by its blocks."""
         self._grouped = [_group_tasks(stage, self.stacks) for stage in schedule.stages]
 

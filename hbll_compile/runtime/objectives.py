@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hbll_compile.config import HBLLConfig
-from hbll_compile.ir import Tree
+from hbll_compile.ir import BlockSpec, Tree
 
 Env = dict[str, Any]
 
@@ -35,6 +35,7 @@ class Units(Protocol):
     tree: Tree
     config: HBLLConfig
     blocks: nn.ModuleList
+    specs: list[BlockSpec]
     couplers: nn.ModuleDict
     heads: nn.ModuleDict
     task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
