@@ -22,6 +22,8 @@ from hbll_compile.errors import CompileError
 from hbll_compile.export import export_onnx
 from hbll_compile.model import HBLLModel
 
+__all__ = ["build_parser", "draw_tree", "example_inputs", "load_factory", "main"]
+
 
 def load_factory(spec: str) -> Callable[[], nn.Module]:
     """Resolve ``FILE.py:FACTORY`` to the callable ``FACTORY`` defined in ``FILE.py``."""
@@ -90,8 +92,8 @@ def _inspect(args: argparse.Namespace) -> int:
     model = load_factory(args.factory)()
     m = hbll_compile(model, example_inputs(args.input_shape, args.dtype), blocks=args.blocks)
     print(m.describe())
-    print(f"capture: {m.report['capture']}; legal cuts: {m.report['legal_cuts']} "
-          f"(at most {m.report['max_blocks']} blocks); context values: {len(m.context_names)}")
+    print(f"capture: {m.report.capture}; legal cuts: {m.report.legal_cuts} "
+          f"(at most {m.report.max_blocks} blocks); context values: {len(m.context_names)}")
     print(f"training step ({m.schedule.name}): critical path {m.schedule.critical_path()} module evaluations "
           f"(BP: {2 * len(m.blocks)})")
     if args.png:

@@ -9,15 +9,24 @@ Example:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Literal, get_args
+
+__all__ = ["HBLLConfig"]
+
+Objective = Literal["hbll", "dgl", "bp"]
+Inputs = Literal["tree", "wavefront"]
+Correction = Literal["parareal", "jacobi"]
+ExecutorKind = Literal["loop", "batched"]
+OutputTail = Literal["auto", "head", "block"]
 
 _CHOICES = {
-    "objective": ("hbll", "dgl", "bp"),
-    "inputs": ("tree", "wavefront"),
-    "correction": ("parareal", "jacobi"),
-    "executor": ("loop", "batched"),
-    "output_tail": ("auto", "head", "block"),
+    "objective": get_args(Objective),
+    "inputs": get_args(Inputs),
+    "correction": get_args(Correction),
+    "executor": get_args(ExecutorKind),
+    "output_tail": get_args(OutputTail),
 }
+"""Every choice field and its allowed values, read from the Literal types (one place)."""
 
 
 @dataclass(frozen=True)
@@ -58,22 +67,22 @@ class HBLLConfig:
             updates of structurally identical blocks in one stage as one ``torch.func.vmap`` over
             stacked parameters, which then hold the blocks' weights (the model's parameters become
             views of them). Blocks with buffers (BatchNorm) or tied weights, and steps whose inputs
-            differ in shape, run in the loop. See :mod:`hbll_compile.runtime.batching`.
+            differ in shape, run in the loop. See :mod:`hbll_compile.runtime._batching`.
     """
 
-    objective: str = "hbll"
-    inputs: str = "wavefront"
+    objective: Objective = "hbll"
+    inputs: Inputs = "wavefront"
     corrections: int = 2
-    correction: str = "parareal"
+    correction: Correction = "parareal"
     coupler_cost: float = 0.05
     coupler_layers: int = 2
     coupler_gain: float = 4.0
-    output_tail: str = "auto"
+    output_tail: OutputTail = "auto"
     local_head_weight: float = 0.0
     consistency_weight: float = 1.0
     coupler_path_weight: float = 0.0
     seed: int = 0
-    executor: str = "loop"
+    executor: ExecutorKind = "loop"
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():

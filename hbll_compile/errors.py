@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+__all__ = ["CaptureError", "CompileError", "CutError", "ExportError", "LoweringError", "TrainingError"]
+
 
 class CompileError(Exception):
     """Base class of every error hbll-compile raises on a model it cannot compile, train or export."""

@@ -17,6 +17,8 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+__all__ = ["BlockSpec", "Boundary", "CompileReport", "CouplerPlan", "Span", "Tail", "Tree", "TreeNode"]
+
 Span = tuple[int, int]
 """A half-open interval ``(a, b]`` of blocks: the node covers blocks a+1 .. b."""
 
@@ -44,6 +46,8 @@ class BlockSpec:
     param_count: int
     context: tuple[str, ...]
     """Names of the context values (model inputs or parameter-free functions of them) it reads."""
+    sample_flops: float = 0.0
+    """``flops`` per sample: ``flops`` is counted on the example batch."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,6 @@ class TreeNode:
     span: Span
     depth: int
     children: tuple[int, ...] = ()
-    parent: int | None = None
 
     @property
     def is_leaf(self) -> bool:
@@ -98,20 +101,20 @@ class Tree:
         """Build a tree from ``{span: split_boundary}`` for every internal span."""
         tree = cls(n_blocks=n_blocks)
 
-        def add(span: Span, depth: int, parent: int | None) -> int:
+        def add(span: Span, depth: int) -> int:
             node_id = len(tree.nodes)
-            tree.nodes.append(TreeNode(node_id, span, depth, (), parent))
+            tree.nodes.append(TreeNode(node_id, span, depth, ()))
             if span[1] - span[0] > 1:
                 s = splits[span]
                 if not span[0] < s < span[1]:
                     raise ValueError(f"split {s} does not lie strictly inside span {span}")
-                left = add((span[0], s), depth + 1, node_id)
-                right = add((s, span[1]), depth + 1, node_id)
+                left = add((span[0], s), depth + 1)
+                right = add((s, span[1]), depth + 1)
                 old = tree.nodes[node_id]
-                tree.nodes[node_id] = TreeNode(old.id, old.span, old.depth, (left, right), old.parent)
+                tree.nodes[node_id] = TreeNode(old.id, old.span, old.depth, (left, right))
             return node_id
 
-        add((0, n_blocks), 0, None)
+        add((0, n_blocks), 0)
         return tree
 
     @property
@@ -173,3 +176,41 @@ class Tree:
     @staticmethod
     def required_depth(n_blocks: int) -> int:
         return math.ceil(math.log2(n_blocks)) if n_blocks > 1 else 0
+
+
+@dataclass(frozen=True)
+class CouplerPlan:
+    """What the couplers pass built for one internal tree node; the runtime and the exporters read it
+    instead of re-deriving it (see :mod:`hbll_compile.passes.couplers`)."""
+
+    node: int
+    span: Span
+    source: int
+    """The boundary the learned part reads: ``span[0]``, or 1 when it first runs block 1 on token ids."""
+    sink: int
+    """The boundary the learned part writes: ``span[1]``, or the tail's input (``Tail.input.index``)."""
+    runs_tail: bool
+    """Whether the model's output tail finishes the coupler (spans that end at the output)."""
+    budget: int
+    """Per-sample FLOP budget of the learned part."""
+    flops: int
+    """Per-sample FLOPs of the learned part as built."""
+    hidden: int
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    """What compiling found, for ``describe``/``inspect``, persistence and export.
+
+    ``example_inputs`` holds each example input's shape (batch first) and dtype name, so a compiled
+    model can be rebuilt (``HBLLModel.load``) and exported without the original tensors.
+    """
+
+    capture: str
+    """``"export"`` or ``"fx"``: which capture succeeded."""
+    legal_cuts: int
+    max_blocks: int
+    block_costs: tuple[int, ...]
+    context: tuple[str, ...]
+    example_batch: int
+    example_inputs: tuple[tuple[tuple[int, ...], str], ...]

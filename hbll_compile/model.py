@@ -11,23 +11,27 @@ Example:
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from hbll_compile import _checkpoint
+from hbll_compile._pipeline import Parts, run_passes
+from hbll_compile._util import first_line, lookup
 from hbll_compile.config import HBLLConfig
 from hbll_compile.errors import TrainingError
-from hbll_compile.ir import BlockSpec, Boundary, Tail, Tree
-from hbll_compile.passes.couplers import CouplerPlan
-from hbll_compile.passes.graph import lookup
-from hbll_compile.passes.lower import Lowered, bind_state
-from hbll_compile.runtime.batching import blocks_sharing_parameters
-from hbll_compile.runtime.executor import Executor
-from hbll_compile.runtime.schedule import Schedule
+from hbll_compile.ir import BlockSpec, Boundary, CompileReport, CouplerPlan, Tail
+from hbll_compile.passes.lower import bind_state
+from hbll_compile.runtime._batching import blocks_sharing_parameters
+from hbll_compile.runtime.executor import Executor, TaskHook
 from hbll_compile.runtime.trainer import evaluate, fit
+
+__all__ = ["HBLLModel"]
 
 
 class HBLLModel(nn.Module):
@@ -41,18 +45,13 @@ class HBLLModel(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        lowered: Lowered,
-        tree: Tree,
-        couplers: nn.ModuleDict,
-        coupler_plans: list[CouplerPlan],
-        heads: nn.ModuleDict,
-        schedule: Schedule,
+        parts: Parts,
         *,
         loss: Callable[..., torch.Tensor] | None = None,
         config: HBLLConfig | None = None,
-        report: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        lowered = parts.lowered
         object.__setattr__(self, "_model", model)  # not a submodule: the blocks already expose its state
         self.context = lowered.context
         self.blocks = nn.ModuleList(lowered.blocks)
@@ -61,23 +60,24 @@ class HBLLModel(nn.Module):
         for i, (target, tensor) in enumerate(lowered.constants.items()):
             self.constants.register_buffer(f"c{i}", tensor)
             self._constant_names[target] = f"c{i}"
-        self.tree = tree
+        self.tree = parts.tree
         object.__setattr__(self, "tail", lowered.tail)  # not a submodule: block N already owns its state
         self.tail_info: Tail = lowered.tail_info
         self.specs: list[BlockSpec] = lowered.specs
         self.boundaries: list[Boundary] = lowered.boundaries
         self.input_names = lowered.input_names
         self.context_names = lowered.context_names
-        self.couplers = couplers
-        self.coupler_plans = coupler_plans
-        self._plan = {p.node: p for p in coupler_plans}
-        self.heads = heads
-        self.schedule = schedule
+        self.couplers = parts.couplers
+        self.coupler_plans = parts.coupler_plans
+        self._plans = {p.node: p for p in parts.coupler_plans}
+        self.heads = parts.heads
+        self.schedule = parts.schedule
         self.task_loss = loss
         self.config = config or HBLLConfig()
-        self.report = report or {}
-        self._executor = Executor(schedule, self)
+        self.report: CompileReport = parts.report
+        self._executor = Executor(parts.schedule, self)
         self._needs_isolation = _needs_isolation(self.blocks)
+        self._plain_frozen = False
         self.train(model.training)
 
     # -- state sharing -------------------------------------------------------------------------
@@ -124,21 +124,61 @@ class HBLLModel(nn.Module):
         """The model's output tail (see :class:`~hbll_compile.ir.Tail`) as a fixed function."""
         return self._run_frozen(self.tail, self._needs_isolation[-1], self.tail_info.spec, t, env)
 
-    @staticmethod
     def _run_frozen(
-        module: nn.Module, isolate: bool, spec: BlockSpec, h: torch.Tensor, env: dict[str, Any]
+        self, module: nn.Module, isolate: bool, spec: BlockSpec, h: torch.Tensor, env: dict[str, Any]
     ) -> torch.Tensor:
         args = (h, *(env[name] for name in spec.context))
-        if not isolate:
+        if not isolate or self._plain_frozen:
             return module(*args)  # backward(inputs=...) already keeps its parameters out of the update
         state = {name: p.detach() for name, p in module.named_parameters()}
         state.update((name, b.clone()) for name, b in module.named_buffers())
         return torch.func.functional_call(module, state, args)
 
+    def coupler_plan(self, node: int) -> CouplerPlan:
+        """What was built for the coupler of tree node ``node`` (see :class:`~hbll_compile.ir.CouplerPlan`)."""
+        return self._plans[node]
+
+    @contextlib.contextmanager
+    def exporting(self) -> Iterator[None]:
+        """Eval mode, restored afterwards; inside, frozen blocks run as plain calls. In eval mode without
+        gradients that computes the same values, and exporters cannot trace the
+        ``torch.func.functional_call`` that isolates frozen blocks in training."""
+        was_training, was_plain = self.training, self._plain_frozen
+        self.eval()
+        self._plain_frozen = True
+        try:
+            yield
+        finally:
+            self._plain_frozen = was_plain
+            self.train(was_training)
+
+    def score(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The task loss ``loss(output, target)``, checked: a scalar tensor.
+
+        Raises:
+            TrainingError: no loss was given, the loss rejects the target, or it returns no scalar tensor.
+        """
+        if self.task_loss is None:
+            raise TrainingError("no task loss was given", node="loss",
+                                remedy="compile with hbll_compile(..., loss=torch.nn.functional.cross_entropy)")
+        try:
+            loss = self.task_loss(output, target)
+        except Exception as err:  # noqa: BLE001 - any failure of the user's loss on this target
+            raise TrainingError(
+                f"the task loss failed on an output of shape {tuple(output.shape)} and a target of shape "
+                f"{tuple(target.shape)} ({target.dtype}): {type(err).__name__}: {first_line(err)}",
+                node="target", remedy="pass targets the loss accepts for the model's output",
+            ) from err
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise TrainingError(f"the task loss returned {got}, not a scalar tensor", node="loss",
+                                remedy="reduce the loss to a scalar tensor (e.g. reduction='mean')")
+        return loss
+
     def run_coupler(self, node: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         """Coupler of tree node ``node`` on its span's left boundary: block 1 first for token inputs,
         the output tail last for spans that end at the output (see :mod:`hbll_compile.passes.couplers`)."""
-        plan = self._plan[node]
+        plan = self._plans[node]
         if plan.source != plan.span[0]:
             h = self.run_block_frozen(1, h, env)
         h = self.couplers[str(node)](h)
@@ -180,6 +220,11 @@ class HBLLModel(nn.Module):
                                 remedy="compile with hbll_compile(..., loss=torch.nn.functional.cross_entropy)")
         return self._executor.step(inputs, target)
 
+    def register_task_hook(self, hook: TaskHook) -> RemovableHandle:
+        """Call ``hook(task, done)`` before (``done=False``) and after (``done=True``) every task of a
+        training step; returns a handle whose ``remove()`` stops it."""
+        return self._executor.register_task_hook(hook)
+
     def reset_pipeline(self) -> None:
         """Drop the activations the wavefront pipeline carries between steps."""
         self._executor.reset()
@@ -199,7 +244,7 @@ class HBLLModel(nn.Module):
 
     def depth_flops(self, depth: int | None) -> int:
         """Per-sample FLOPs of ``self(x, depth=depth)`` (the exact chain for ``None``)."""
-        per_block = [spec.flops / self.report["example_batch"] for spec in self.specs]
+        per_block = [spec.sample_flops for spec in self.specs]
         if depth is None or depth >= self.tree.depth:
             return int(sum(per_block))
         total = 0.0
@@ -207,9 +252,9 @@ class HBLLModel(nn.Module):
             if node.is_leaf:
                 total += per_block[node.span[1] - 1]
             else:
-                plan = self._plan[node.id]
+                plan = self._plans[node.id]
                 total += plan.flops + (per_block[0] if plan.source != plan.span[0] else 0)
-                total += self.tail_info.spec.flops / self.report["example_batch"] if plan.runs_tail else 0
+                total += self.tail_info.spec.sample_flops if plan.runs_tail else 0
         return int(total)
 
     def depth_report(self, loader: Iterable[Sequence[torch.Tensor]]) -> list[dict[str, float]]:
@@ -222,23 +267,37 @@ class HBLLModel(nn.Module):
         return rows
 
     # -- persistence ---------------------------------------------------------------------------
-    def save(self, path: str) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write every parameter and buffer (model, couplers, heads) and the compile settings to a
         safetensors file; :meth:`load` rebuilds the compiled model from it."""
-        from safetensors.torch import save_model
-
         settings = {"blocks": len(self.blocks), "config": self.config.to_dict(),
-                    "example_inputs": self.report["example_inputs"]}
-        save_model(self, path, metadata={"hbll": json.dumps(settings)})
+                    "example_inputs": self.report.example_inputs}
+        _checkpoint.write(self, path, settings)
 
     @classmethod
     def load(
-        cls, path: str, model_factory: Callable[[], nn.Module], *, loss: Callable[..., torch.Tensor] | None = None
+        cls, path: str | os.PathLike[str], model_factory: Callable[[], nn.Module], *,
+        loss: Callable[..., torch.Tensor] | None = None,
     ) -> HBLLModel:
-        """Recompile ``model_factory()`` as it was saved and load the saved state into it."""
-        from hbll_compile.api import load  # the api layer owns compiling; this is its public alias
+        """Compile ``model_factory()`` as it was saved (block count, config, example input shapes) and
+        load every saved tensor into it, strictly.
 
-        return load(path, model_factory, loss=loss)
+        Example:
+            >>> import torch, tempfile, os, hbll_compile as hc
+            >>> factory = lambda: torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+            >>> m = hc.hbll_compile(factory(), (torch.randn(2, 4),), blocks=2)
+            >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors"); m.save(path)
+            >>> x = torch.randn(3, 4); torch.equal(hc.HBLLModel.load(path, factory)(x), m(x))
+            True
+        """
+        settings = _checkpoint.read_settings(path)
+        examples = tuple(torch.zeros(shape, dtype=getattr(torch, dtype)) for shape, dtype in settings["example_inputs"])
+        config = HBLLConfig.from_dict(settings["config"])
+        model = model_factory()
+        compiled = cls(model, run_passes(model, examples, blocks=settings["blocks"], config=config),
+                       loss=loss, config=config)
+        _checkpoint.load_into(compiled, path)
+        return compiled
 
     # -- inspection ----------------------------------------------------------------------------
     def describe(self) -> str:

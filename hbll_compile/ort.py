@@ -3,6 +3,6 @@
 See :mod:`hbll_compile.export.ort_training`; install with ``pip install 'hbll-compile[ort-training]'``.
 """
 
-from hbll_compile.export.ort_training import BlockTrainer, export_training_artifacts, training_units
+from hbll_compile.export import BlockTrainer, export_training_artifacts, training_units
 
 __all__ = ["BlockTrainer", "export_training_artifacts", "training_units"]

@@ -8,11 +8,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from models import ZOO
-from test_training import _targets, seq_loss
+from helpers import ZOO, seq_loss, targets
 
 import hbll_compile as hc
-from hbll_compile.runtime.batching import BUFFERS, TIED, StackedBlocks
+from hbll_compile.runtime._batching import BUFFERS, TIED, StackedBlocks
 
 TOLERANCE = 1e-5
 
@@ -25,7 +24,7 @@ def _compile(case: str, n: int, executor: str, **config) -> hc.HBLLModel:
 
 
 def _batches(case: str, sizes: list[int]) -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
-    return [(ZOO[case].example(batch=b, seed=10 + k), _targets(case, b)) for k, b in enumerate(sizes)]
+    return [(ZOO[case].example(batch=b, seed=10 + k), targets(case, b)) for k, b in enumerate(sizes)]
 
 
 def _max_grad_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:

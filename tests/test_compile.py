@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from models import ZOO, Case
+from helpers import ZOO, Case
 
 import hbll_compile as hc
 
@@ -175,7 +175,7 @@ def test_fx_fallback_when_export_fails(name: str, monkeypatch: pytest.MonkeyPatc
     case = ZOO[name]
     model = case.build()
     m = hc.hbll_compile(model, case.example(), blocks=2)
-    assert m.report["capture"] == "fx"
+    assert m.report.capture == "fx"
     m.eval()
     x = case.example(batch=3)
     assert _max_diff(m(*x), model(*x)) <= TOL

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import ZOO, DataDependent, TupleOutput
+from helpers import ZOO, DataDependent, TupleOutput
 
 import hbll_compile as hc
 

@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from models import ZOO
+from helpers import ZOO
 
 import hbll_compile as hc
 from hbll_compile.cli import main
 from hbll_compile.errors import ExportError
-from hbll_compile.export.ort_training import UnitObjective, chain_boundaries, training_units, unit_example
+from hbll_compile.export.units import UnitObjective, chain_boundaries, training_units, unit_example
 from hbll_compile.runtime.objectives import coupler_loss, path_loss
 
 onnx = pytest.importorskip("onnx")
@@ -318,8 +318,8 @@ _EXPORT = """
     import json, sys, torch, numpy as np
     import torch.nn.functional as F
     import hbll_compile as hc
-    from hbll_compile.export.ort_training import chain_boundaries, training_units, unit_example
-    from models import ZOO
+    from hbll_compile.export.units import chain_boundaries, training_units, unit_example
+    from helpers import ZOO
     plan = {plan}
     out = {{}}
     for name, units in plan.items():
@@ -358,7 +358,7 @@ _TRAIN = """
         if trainer.steps == 8 and unit == "block2" and name == "resmlp":
             trainer.save_checkpoint(f"{{name}}/{{unit}}/trained_checkpoint")
             import torch, torch.nn.functional as F
-            from models import ZOO
+            from helpers import ZOO
             m = hc.hbll_compile(ZOO[name].build(), ZOO[name].example(4), blocks=4, loss=F.cross_entropy)
             trainer.load_into(m)
             state = dict(m.named_parameters())

@@ -104,7 +104,7 @@ def test_random_dag_models(layers: list[tuple], data: st.DataObject) -> None:
         max(sum(view.costs[a:b]) for a, b in zip((0, *cuts), (*cuts, len(view.costs))))
         for cuts in itertools.combinations(view.legal_cuts, n - 1)
     )
-    assert max(m.report["block_costs"]) == best
+    assert max(m.report.block_costs) == best
     _check_tree(m.tree, n)
 
 

@@ -9,7 +9,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hbll_compile.ir import Span, Tree
-from hbll_compile.runtime.schedule import Schedule, Task, build_bp, build_dgl, build_hbll
+from hbll_compile.runtime.schedule import (
+    Schedule,
+    ScheduleError,
+    Task,
+    TaskKind,
+    Unit,
+    UnitKind,
+    Value,
+    build_bp,
+    build_dgl,
+    build_hbll,
+)
 
 SIZES = [1, 2, 3, 4, 5, 8, 16, 64]
 KS = [0, 1, 2]
@@ -55,15 +66,24 @@ def longest_path(tree: Tree) -> int:
 
 
 def tasks(schedule: Schedule) -> list[Task]:
-    return [task for stage in schedule.stages for task in stage]
+    return schedule.tasks()
+
+
+def texts(values: tuple[Value, ...]) -> tuple[str, ...]:
+    return tuple(map(str, values))
+
+
+UPDATES = (TaskKind.BLOCK_UPDATE, TaskKind.COUPLER_UPDATE, TaskKind.HEAD_UPDATE)
 
 
 def check_updates(schedule: Schedule, tree: Tree, heads: bool) -> None:
-    units = Counter(t.unit for t in tasks(schedule) if t.kind.endswith("_update"))
+    """One update per block and coupler; with heads, blocks 1..N-1 fuse their head into their update."""
+    updates = [t for t in tasks(schedule) if t.kind in UPDATES]
+    units = Counter(t.unit for t in updates) + Counter(t.head for t in updates if t.head is not None)
     expected = Counter(
-        [("block", i) for i in range(1, tree.n_blocks + 1)]
-        + [("coupler", v.id) for v in tree.internal_nodes]
-        + ([("head", i) for i in range(1, tree.n_blocks)] if heads else [])
+        [Unit.block(i) for i in range(1, tree.n_blocks + 1)]
+        + [Unit.coupler(v.id) for v in tree.internal_nodes]
+        + ([Unit.head(i) for i in range(1, tree.n_blocks)] if heads else [])
     )
     assert units == expected
 
@@ -98,7 +118,7 @@ def test_baselines(n: int) -> None:
     assert dgl.critical_path() == (n + 3 if n > 1 else 2)
     assert len(dgl) == n
     assert Counter(t.kind for t in tasks(dgl)) == Counter(
-        {"block_forward": n - 1, "head_update": n - 1, "block_update": 1}
+        {TaskKind.BLOCK_FORWARD: n - 1, TaskKind.HEAD_UPDATE: n - 1, TaskKind.BLOCK_UPDATE: 1}
     )
 
 
@@ -115,7 +135,7 @@ def test_jacobi_sweeps_take_one_stage(n: int, k: int) -> None:
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("inputs", ["tree", "wavefront"])
-def test_heads_add_one_task_per_inner_boundary(n: int, inputs: str) -> None:
+def test_heads_join_the_updates_of_inner_blocks(n: int, inputs: str) -> None:
     tree = midpoint_tree(n)
     schedule = build_hbll(tree, inputs=inputs, corrections=1, head_weight=0.5)
     check_updates(schedule, tree, heads=True)
@@ -128,28 +148,28 @@ def test_heads_add_one_task_per_inner_boundary(n: int, inputs: str) -> None:
 def test_every_sweep_sets_every_inner_boundary_once(k: int) -> None:
     n = 13
     schedule = build_hbll(midpoint_tree(n), inputs="tree", corrections=k)
-    written = Counter(v for t in tasks(schedule) for v in t.writes)
+    written = Counter(str(v) for t in tasks(schedule) for v in t.writes)
     assert written == Counter(f"h{i}@s{s}" for i in range(1, n) for s in range(k + 1))
 
 
 def test_parareal_sweep_reads_previous_sweep() -> None:
     tree = Tree.from_splits(4, {(0, 4): 2, (0, 2): 1, (2, 4): 3})
     stages = build_hbll(tree, inputs="tree", corrections=1).stages
-    assert stages[2] == (Task("correct", ("coupler", 1), ("x", "h1@s0", "x"), ("h2@s1",)),)
-    assert stages[3] == (
-        Task("block_forward", ("block", 1), ("x",), ("h1@s1",)),
-        Task("block_forward", ("block", 3), ("h2@s1",), ("h3@s1",)),
-    )
+    assert [str(t) for t in stages[2]] == ["correct coupler 1: x, h1@s0, x -> h2@s1"]
+    assert [str(t) for t in stages[3]] == ["block_forward block 1: x -> h1@s1", "block_forward block 3: h2@s1 -> h3@s1"]
+    assert stages[2][0].reads == (Value.h(0), Value.h(1, sweep=0), Value.h(0))
 
 
 def test_wavefront_pairs_come_from_one_batch() -> None:
     tree = midpoint_tree(4)
     updates = {t.unit: t for t in tasks(build_hbll(tree, inputs="wavefront"))}
-    assert updates[("block", 1)].reads == ("x", "y")
-    assert updates[("block", 3)].reads == ("h2@prev", "y@lag2")
-    assert updates[("block", 3)].writes == ("h3@next",)
+    assert texts(updates[Unit.block(1)].reads) == ("x", "y")
+    assert texts(updates[Unit.block(3)].reads) == ("h2@prev", "y@lag2")
+    assert texts(updates[Unit.block(3)].writes) == ("h3@next",)
     right = tree.node((2, 4)).id
-    assert updates[("coupler", right)].reads == ("h2@lag4", "h4@prev", "y@lag4")
+    assert texts(updates[Unit.coupler(right)].reads) == ("h2@lag4", "h4@prev", "y@lag4")
+    # a batch's lag: h2@prev entered 2 steps ago, h3@next (written now) 2 steps ago too
+    assert [v.lag for v in updates[Unit.block(3)].reads + updates[Unit.block(3)].writes] == [2, 2, 2]
 
 
 def test_dataflow_bound_is_shorter_than_staged_execution() -> None:
@@ -192,40 +212,58 @@ def test_floor_midpoint_tree_has_a_shorter_path() -> None:
     assert build_hbll(tree, inputs="wavefront").critical_path() == 4 < 2 * 2 + 2
 
 
+X, Y = Value.batch("x"), Value.batch("y")
+
+
+def forward(i: int, reads: Value, writes: Value) -> Task:
+    return Task(TaskKind.BLOCK_FORWARD, Unit.block(i), (reads,), (writes,))
+
+
 def one_stage_each(*tasks_: Task) -> Schedule:
-    return Schedule("hand", tuple((t,) for t in tasks_), frozenset({"x", "y"}))
+    return Schedule("hand", tuple((t,) for t in tasks_), frozenset({X, Y}))
 
 
 def test_reading_own_stage_is_invalid() -> None:
-    first = Task("block_forward", ("block", 1), ("x",), ("h1",))
-    second = Task("block_forward", ("block", 2), ("h1",), ("h2",))
-    with pytest.raises(ValueError, match="reads"):
-        Schedule("hand", ((first, second),), frozenset({"x"})).validate()
+    first = forward(1, X, Value.h(1))
+    second = forward(2, Value.h(1), Value.h(2))
+    with pytest.raises(ScheduleError, match="reads"):
+        Schedule("hand", ((first, second),), frozenset({X})).validate()
 
 
 def test_reading_later_stage_is_invalid() -> None:
-    early = Task("block_forward", ("block", 2), ("h1",), ("h2",))
-    late = Task("block_forward", ("block", 1), ("x",), ("h1",))
-    with pytest.raises(ValueError, match="reads"):
+    early = forward(2, Value.h(1), Value.h(2))
+    late = forward(1, X, Value.h(1))
+    with pytest.raises(ScheduleError, match="reads"):
         one_stage_each(early, late).validate()
-    with pytest.raises(ValueError, match="reads"):
+    with pytest.raises(ScheduleError, match="reads"):
         one_stage_each(early, late).critical_path()
 
 
+def test_a_failed_validation_marks_the_offending_task() -> None:
+    early = forward(2, Value.h(1), Value.h(2))
+    late = forward(1, X, Value.h(1))
+    with pytest.raises(ScheduleError) as info:
+        one_stage_each(early, late).validate()
+    marked = [line for line in str(info.value).splitlines() if "<-- here" in line]
+    assert len(marked) == 1 and "block 2" in marked[0] and "h1 -> h2" in marked[0]
+
+
 def test_unknown_value_double_write_and_bad_tasks_are_invalid() -> None:
-    with pytest.raises(ValueError, match="reads"):
-        one_stage_each(Task("block_forward", ("block", 1), ("z",), ("h1",))).validate()
-    twice = Task("block_forward", ("block", 1), ("x",), ("h1",))
-    with pytest.raises(ValueError, match="already written"):
+    with pytest.raises(ScheduleError, match="reads"):
+        one_stage_each(forward(1, Value("z"), Value.h(1))).validate()
+    twice = forward(1, X, Value.h(1))
+    with pytest.raises(ScheduleError, match="already written"):
         one_stage_each(twice, twice).validate()
-    with pytest.raises(ValueError, match="input"):
-        one_stage_each(Task("block_forward", ("block", 1), ("x",), ("y",))).validate()
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ScheduleError, match="input"):
+        one_stage_each(forward(1, X, Y)).validate()
+    with pytest.raises(ScheduleError, match="empty"):
         Schedule("hand", ((),), frozenset()).validate()
-    with pytest.raises(ValueError, match="kind"):
-        Task("teleport", ("block", 1), (), ())
-    with pytest.raises(ValueError, match="evals"):
-        Task("block_forward", ("block", 1), ("x",), ("h1",), evals=0)
+    with pytest.raises(ScheduleError, match="kind"):
+        Task("teleport", Unit.block(1), (), ())  # type: ignore[arg-type]
+    with pytest.raises(ScheduleError, match="evals"):
+        Task(TaskKind.BLOCK_FORWARD, Unit.block(1), (X,), (Value.h(1),), evals=0)
+    with pytest.raises(ScheduleError, match="head"):
+        Task(TaskKind.COUPLER_UPDATE, Unit.coupler(0), (X,), (), head=Unit(UnitKind.HEAD, 1))
 
 
 def test_bad_options_are_rejected() -> None:

@@ -8,27 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from models import MLP, ZOO
+from helpers import MLP, ZOO, compile_case, seq_loss, targets
 
 import hbll_compile as hc
-from hbll_compile.runtime.executor import Executor
-
-
-def seq_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out.flatten(0, -2), y.flatten())
-
-
-def _targets(case: str, batch: int) -> torch.Tensor:
-    if case == "gpt":
-        return torch.randint(0, 50, (batch, 16))
-    classes = {"mlp": 5, "resmlp": 5, "masked": 3, "two_inputs": 4}.get(case, 10)
-    return torch.randint(0, classes, (batch,))
-
-
-def _compile(case: str, n: int, **config) -> hc.HBLLModel:
-    c = ZOO[case]
-    loss = seq_loss if case == "gpt" else F.cross_entropy
-    return hc.hbll_compile(c.build(), c.example(), blocks=n, loss=loss, config=hc.HBLLConfig(**config))
+from hbll_compile.runtime.schedule import Task, TaskKind, Unit, Value
 
 
 def _grads(module: torch.nn.Module) -> dict[int, torch.Tensor | None]:
@@ -38,56 +21,58 @@ def _grads(module: torch.nn.Module) -> dict[int, torch.Tensor | None]:
 @pytest.mark.parametrize("n", [8, 16, 64])
 def test_default_critical_path_is_logarithmic(n: int) -> None:
     net = MLP(d_in=6, width=8, depth=n, classes=3)
-    m = hc.hbll_compile(net, (torch.randn(2, 6),), blocks=n, loss=F.cross_entropy)
+    m = hc.hbllcompile_case(net, (torch.randn(2, 6),), blocks=n, loss=F.cross_entropy)
     L = math.ceil(math.log2(n))
     m.schedule.validate()
     assert m.schedule.critical_path() <= 3 * L + 2
-    assert hc.hbll_compile(net, (torch.randn(2, 6),), blocks=n,
+    assert hc.hbllcompile_case(net, (torch.randn(2, 6),), blocks=n,
                            config=hc.HBLLConfig(objective="bp")).schedule.critical_path() == 2 * n
 
 
 @pytest.mark.parametrize("inputs", ["tree", "wavefront"])
 def test_no_gradient_crosses_a_block_boundary(inputs: str) -> None:
     """Every backward of a task reaches only the unit that task trains."""
-    m = _compile("resmlp", 4, inputs=inputs, local_head_weight=0.5)
-    units = {("block", i): m.blocks[i - 1] for i in range(1, 5)}
-    units |= {("coupler", int(k)): c for k, c in m.couplers.items()}
-    checked: list[tuple[str, int]] = []
+    m = compile_case("resmlp", 4, inputs=inputs, local_head_weight=0.5)
+    units = {Unit.block(i): m.blocks[i - 1] for i in range(1, 5)}
+    units |= {Unit.coupler(int(k)): c for k, c in m.couplers.items()}
+    checked: list[Unit] = []
+    before: dict[int, torch.Tensor | None] = {}
 
-    class Spy(Executor):
-        def _run(self, name: str, task, *args) -> None:
-            before = _grads(m)
-            getattr(Executor, name)(self, task, *args)
-            after = _grads(m)
-            allowed = {id(p) for p in units[task.unit].parameters()}
-            if task.unit[0] == "block" and str(task.unit[1]) in m.heads:
-                allowed |= {id(p) for p in m.heads[str(task.unit[1])].parameters()}
-            changed = {k for k, g in after.items()
-                       if g is not None and (before[k] is None or not torch.equal(before[k], g))}
-            assert changed <= allowed, f"{task.kind} {task.unit} leaked gradient into other units"
-            if changed:
-                checked.append(task.unit)
+    def observe(task: Task, done: bool) -> None:
+        if task.kind not in (TaskKind.BLOCK_UPDATE, TaskKind.COUPLER_UPDATE):
+            return
+        if not done:
+            before.clear()
+            before.update(_grads(m))
+            return
+        after = _grads(m)
+        allowed = {id(p) for p in units[task.unit].parameters()}
+        if task.head is not None:
+            allowed |= {id(p) for p in m.heads[str(task.unit.index)].parameters()}
+        changed = {k for k, g in after.items()
+                   if g is not None and (before[k] is None or not torch.equal(before[k], g))}
+        assert changed <= allowed, f"{task.kind} {task.unit} leaked gradient into other units"
+        if changed:
+            checked.append(task.unit)
 
-        def _block_update(self, task, head) -> None:
-            self._run("_block_update", task, head)
-
-        def _coupler_update(self, task) -> None:
-            self._run("_coupler_update", task)
-
-    m._executor = Spy(m.schedule, m)
-    x, y = ZOO["resmlp"].example(batch=8), _targets("resmlp", 8)
+    handle = m.register_task_hook(observe)
+    x, y = ZOO["resmlp"].example(batch=8), targets("resmlp", 8)
     for _ in range(6):
         m.zero_grad()
         m.training_step(*x, target=y)
     assert set(checked) == set(units)  # every block and coupler was trained and checked
+    handle.remove()
+    checked.clear()
+    m.training_step(*x, target=y)
+    assert checked == []  # a removed hook is not called
 
 
 def test_bp_objective_equals_eager_backprop() -> None:
     case = ZOO["resnet"]
     model = case.build()
     reference = copy.deepcopy(model)
-    m = hc.hbll_compile(model, case.example(), blocks=4, loss=F.cross_entropy, config=hc.HBLLConfig(objective="bp"))
-    x, y = case.example(batch=6), _targets("resnet", 6)
+    m = hc.hbllcompile_case(model, case.example(), blocks=4, loss=F.cross_entropy, config=hc.HBLLConfig(objective="bp"))
+    x, y = case.example(batch=6), targets("resnet", 6)
     loss = m.training_step(*x, target=y)
     expected = F.cross_entropy(reference(*x), y)
     expected.backward()
@@ -97,13 +82,13 @@ def test_bp_objective_equals_eager_backprop() -> None:
 
 
 def test_last_block_update_equals_its_own_loss_gradient() -> None:
-    m = _compile("mlp", 4, inputs="tree", corrections=1)
-    x, y = ZOO["mlp"].example(batch=8), _targets("mlp", 8)
+    m = compile_case("mlp", 4, inputs="tree", corrections=1)
+    x, y = ZOO["mlp"].example(batch=8), targets("mlp", 8)
     m.training_step(*x, target=y)
     last = m.blocks[-1]
     got = [p.grad.clone() for p in last.parameters()]
     # block N's input in tree mode is the sweep-K estimate of boundary N-1; recompute it through the executor
-    h = m._executor._values[f"h{len(m.blocks) - 1}@s1"]
+    h = m._executor.read(Value.h(len(m.blocks) - 1, sweep=1))
     for p in last.parameters():
         p.grad = None
     F.cross_entropy(m.run_block(len(m.blocks), h, m.environment(*x)), y).backward()
@@ -112,10 +97,10 @@ def test_last_block_update_equals_its_own_loss_gradient() -> None:
 
 
 def test_wavefront_trains_every_unit_and_updates_batchnorm_once_per_step() -> None:
-    m = _compile("cnn_bn", 4)
+    m = compile_case("cnn_bn", 4)
     model = m.to_original()
     bns = [mod for mod in model.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
-    x, y = ZOO["cnn_bn"].example(batch=8), _targets("cnn_bn", 8)
+    x, y = ZOO["cnn_bn"].example(batch=8), targets("cnn_bn", 8)
     steps = 7
     for _ in range(steps):
         m.zero_grad()
@@ -139,7 +124,7 @@ def test_every_objective_lowers_the_loss(config: dict) -> None:
     teacher = torch.nn.Linear(20, 5)
     x = torch.randn(256, 20)
     y = teacher(x).argmax(-1)
-    m = _compile("mlp", 4, **config)
+    m = compile_case("mlp", 4, **config)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     first = None
     for step in range(60):
@@ -155,8 +140,8 @@ def test_every_objective_lowers_the_loss(config: dict) -> None:
 
 @pytest.mark.parametrize("case", ["gpt", "resnet", "two_inputs", "masked"])
 def test_hbll_step_on_zoo_models(case: str) -> None:
-    m = _compile(case, 4)
-    x, y = ZOO[case].example(batch=4), _targets(case, 4)
+    m = compile_case(case, 4)
+    x, y = ZOO[case].example(batch=4), targets(case, 4)
     for _ in range(5):
         loss = m.training_step(*x, target=y)
     assert torch.isfinite(loss)
@@ -166,7 +151,7 @@ def test_hbll_step_on_zoo_models(case: str) -> None:
 
 
 def test_depth_subnetworks_compose_their_frontier() -> None:
-    m = _compile("resmlp", 4)
+    m = compile_case("resmlp", 4)
     m.eval()
     x = ZOO["resmlp"].example(batch=3)
     assert torch.equal(m(*x, depth=m.tree.depth), m(*x))
@@ -180,8 +165,8 @@ def test_depth_subnetworks_compose_their_frontier() -> None:
 
 
 def test_save_load_round_trip(tmp_path) -> None:
-    m = _compile("gpt", 4)
-    x, y = ZOO["gpt"].example(batch=4), _targets("gpt", 4)
+    m = compile_case("gpt", 4)
+    x, y = ZOO["gpt"].example(batch=4), targets("gpt", 4)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     for _ in range(6):
         opt.zero_grad()
@@ -202,7 +187,7 @@ def test_fit_and_depth_report() -> None:
     x = torch.randn(128, 20)
     y = (x[:, 0] > 0).long()
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
-    m = _compile("mlp", 4)
+    m = compile_case("mlp", 4)
     history = m.fit(data, epochs=20, optimizer=torch.optim.AdamW(m.parameters(), lr=1e-2), eval_loader=data)
     assert len(history["loss"]) == 20 and history["loss"][-1] < 0.5 * history["loss"][0]
     assert history["eval_accuracy"][-1] > 0.85
@@ -212,7 +197,7 @@ def test_fit_and_depth_report() -> None:
 
 
 def test_training_without_loss_is_refused() -> None:
-    m = hc.hbll_compile(ZOO["mlp"].build(), ZOO["mlp"].example(), blocks=2)
+    m = hc.hbllcompile_case(ZOO["mlp"].build(), ZOO["mlp"].example(), blocks=2)
     with pytest.raises(hc.TrainingError, match="loss"):
         m.training_step(*ZOO["mlp"].example(), target=torch.zeros(4, dtype=torch.long))
 
@@ -228,7 +213,7 @@ def test_hbll_step_flops_within_issue_budget() -> None:
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(net(x), y).backward()
     bp = counter.get_total_flops()
-    m = hc.hbll_compile(net, (x[:2],), blocks=16, loss=F.cross_entropy)
+    m = hc.hbllcompile_case(net, (x[:2],), blocks=16, loss=F.cross_entropy)
     for _ in range(17):  # fill the wavefront pipeline: every unit works in the measured step
         m.training_step(x, target=y)
     with FlopCounterMode(display=False) as counter:

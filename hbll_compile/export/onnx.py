@@ -28,21 +28,24 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import io
-import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from hbll_compile._util import device_of, first_line, max_abs_diff, quiet, random_inputs
 from hbll_compile.errors import ExportError
 from hbll_compile.model import HBLLModel
+
+__all__ = ["ExportReport", "default_inputs", "export_onnx", "require", "resize_batch"]
+
+EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")
+"""Loggers silenced while an exporter runs."""
 
 TOLERANCE = 1e-4
 """Largest max-abs difference between onnxruntime and torch that ``verify`` accepts (DESIGN §6)."""
@@ -92,29 +95,9 @@ def require(*modules: str, extra: str = _ONNX_EXTRA) -> None:
 
 
 def default_inputs(m: HBLLModel, batch: int | None = None, *, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Inputs shaped like the compile-time example (``m.report["example_inputs"]``), with the batch
-    axis set to ``batch``: normal samples for float inputs, 0/1 ids for integer inputs (safe for any
-    embedding). Placed on the model's device."""
-    specs = m.report.get("example_inputs")
-    if not specs:
-        raise ExportError("the compiled model records no example inputs", node="example_inputs",
-                          remedy="pass example_inputs=(...) explicitly")
-    device = _device(m)
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for shape, dtype_name in specs:
-        shape = tuple(shape)
-        if shape and batch is not None:
-            shape = (batch, *shape[1:])
-        dtype = getattr(torch, dtype_name)
-        if dtype.is_floating_point or dtype.is_complex:
-            x = torch.randn(shape, generator=generator).to(dtype)
-        elif dtype == torch.bool:
-            x = torch.randint(0, 2, shape, generator=generator).bool()
-        else:
-            x = torch.randint(0, 2, shape, generator=generator).to(dtype)
-        out.append(x.to(device))
-    return tuple(out)
+    """Inputs shaped like the compile-time example (``m.report.example_inputs``), with the batch axis set
+    to ``batch`` (see :func:`~hbll_compile._util.random_inputs`), on the model's device."""
+    return random_inputs(m.report.example_inputs, batch=batch, seed=seed, device=device_of(m))
 
 
 def resize_batch(inputs: Sequence[torch.Tensor], batch: int) -> tuple[torch.Tensor, ...]:
@@ -141,21 +124,6 @@ class _Inference(nn.Module):
         return self.m(*inputs, depth=self.depth)
 
 
-@contextlib.contextmanager
-def inference_mode(m: HBLLModel) -> Iterator[None]:
-    """Eval mode, restored afterwards. Inside, frozen blocks run as plain calls: in eval mode without
-    gradients ``run_block_frozen`` computes the same values, and the TorchScript tracer cannot trace
-    the ``torch.func.functional_call`` it uses."""
-    was_training = m.training
-    m.eval()
-    m.run_block_frozen = m.run_block  # instance attribute: shadows the method until deleted
-    try:
-        yield
-    finally:
-        del m.run_block_frozen
-        m.train(was_training)
-
-
 def export_onnx(
     m: HBLLModel,
     path: str | os.PathLike[str],
@@ -179,7 +147,7 @@ def export_onnx(
             on a batch of another size (proving the batch axis is dynamic); raise
             :class:`ExportError` above ``1e-4``.
         example_inputs: the inputs to trace and check with; default: shaped like the compile-time
-            example (``m.report["example_inputs"]``), see :func:`default_inputs`.
+            example (``m.report.example_inputs``), see :func:`default_inputs`.
         opset: ONNX opset to write (default: the exporter's own; 17 for the legacy exporter).
         exporter: ``"auto"`` (dynamo, then legacy), ``"dynamo"`` or ``"legacy"``.
 
@@ -207,7 +175,7 @@ def export_onnx(
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if example_inputs is None:
-        batch = max(2, int(m.report.get("example_batch", 2)))  # torch.export specialises a batch of 1
+        batch = max(2, m.report.example_batch)  # torch.export specialises a batch of 1
         inputs = default_inputs(m, batch)
     else:
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
@@ -220,12 +188,12 @@ def export_onnx(
     failures: list[str] = []
     for name in attempts:
         try:
-            with inference_mode(m), torch.no_grad():
+            with m.exporting(), torch.no_grad():
                 _export(m, depth, inputs, path, name, dynamic_batch, opset, input_names, output_names)
         except ExportError:
             raise
         except Exception as err:  # noqa: BLE001 - any exporter failure means: try the next one
-            failures.append(f"{name} exporter failed: {type(err).__name__}: {_first_line(err)}")
+            failures.append(f"{name} exporter failed: {type(err).__name__}: {first_line(err)}")
             continue
         written_opset = _opset_of(path)
         if not verify:
@@ -251,7 +219,7 @@ def _export(
 ) -> None:
     wrapper = _Inference(m, depth)
     big = _param_bytes(m) > 1_500_000_000  # protobuf caps one file at 2 GiB
-    with warnings.catch_warnings(), _quiet():
+    with warnings.catch_warnings(), quiet(*EXPORTER_LOGGERS):
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             batch = torch.export.Dim("batch")
@@ -274,6 +242,7 @@ def _check(
     dynamic_batch: bool,
 ) -> tuple[float, tuple[int, ...]]:
     """Run the file with onnxruntime on the inputs (and on another batch size) and compare with torch."""
+    import numpy as np
     import onnxruntime as ort
 
     batch = int(inputs[0].shape[0]) if inputs[0].dim() else 1
@@ -285,23 +254,23 @@ def _check(
     try:
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001
-        raise ExportError(f"onnxruntime cannot load the exported file: {_first_line(err)}", node=path,
+        raise ExportError(f"onnxruntime cannot load the exported file: {first_line(err)}", node=path,
                           remedy="export with another opset (opset=17) or exporter") from err
     worst = 0.0
     for xs in batches:
-        with inference_mode(m), torch.no_grad():
+        with m.exporting(), torch.no_grad():
             expected = m(*xs, depth=depth)
         expected_list = list(expected) if isinstance(expected, tuple | list) else [expected]
         feed = {name: x.detach().cpu().numpy() for name, x in zip(input_names, xs) if name in _graph_inputs(session)}
         try:
             got = session.run(None, feed)
         except Exception as err:  # noqa: BLE001
-            raise ExportError(f"onnxruntime failed on a batch of {len(xs[0])}: {_first_line(err)}",
+            raise ExportError(f"onnxruntime failed on a batch of {len(xs[0])}: {first_line(err)}",
                               node="batch" if xs is not inputs else path,
                               remedy="the graph may have the export batch size baked in; export with the "
                               "dynamo exporter, or with dynamic_batch=False") from err
         for i, (ref, out) in enumerate(zip(expected_list, got)):
-            diff = _diff(ref, out)
+            diff = max_abs_diff(ref.detach().cpu(), torch.from_numpy(np.asarray(out)))
             worst = max(worst, diff)
             if diff > TOLERANCE:
                 raise ExportError(
@@ -312,20 +281,6 @@ def _check(
                     "if it persists, report the model to hbll-compile",
                 )
     return worst, tuple(int(xs[0].shape[0]) for xs in batches)
-
-
-def _diff(ref: torch.Tensor, out: Any) -> float:
-    import numpy as np
-
-    expected = ref.detach().cpu().numpy()
-    out = np.asarray(out)
-    if expected.shape != out.shape:
-        return float("inf")
-    if expected.size == 0:
-        return 0.0
-    if np.issubdtype(expected.dtype, np.floating) or np.issubdtype(expected.dtype, np.complexfloating):
-        return float(np.max(np.abs(expected.astype(np.float64) - out.astype(np.float64))))
-    return 0.0 if np.array_equal(expected, out) else float("inf")
 
 
 def _graph_inputs(session: Any) -> set[str]:
@@ -339,12 +294,6 @@ def _opset_of(path: str) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _device(m: nn.Module) -> torch.device:
-    for t in (*m.parameters(), *m.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def _param_bytes(m: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in m.parameters())
 
@@ -355,24 +304,3 @@ def _importable(name: str) -> bool:
     except ImportError:
         return False
     return True
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    return (lines[0] if lines else type(err).__name__)[:400]
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporters' progress prints and log chatter."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)

@@ -30,6 +30,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = [
+    "AvgPool",
+    "ChannelResize",
+    "Compose",
+    "DepthToSpace",
+    "Flatten",
+    "Identity",
+    "Shape",
+    "ShapeAdapter",
+    "SpaceToDepth",
+    "Unflatten",
+    "as_shape",
+    "check_batch",
+    "feature_axis",
+    "make_adapter",
+    "spatial_axes",
+]
+
 Shape = tuple[int, ...]
 
 

@@ -19,6 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import Shape, ShapeAdapter, as_shape, check_batch, feature_axis, make_adapter
 
+__all__ = ["AdditiveCoupling", "Coupler"]
+
 
 def _residual_net(shape: Shape, in_channels: int, out_channels: int, hidden: int) -> nn.Sequential:
     """The F or G net of a coupling layer; its last layer starts at zero.

@@ -15,6 +15,8 @@ from torch import nn
 
 from .adapters import as_shape, feature_axis
 
+__all__ = ["MeanOverTime", "make_head"]
+
 
 class MeanOverTime(nn.Module):
     """Average a sequence batch ``(B, T, D)`` over time, giving ``(B, D)``.
@@ -52,6 +54,5 @@ def make_head(boundary_shape: Sequence[int], output_shape: Sequence[int]) -> nn.
         return nn.Linear(src[1], dst[1])
     raise ValueError(
         f"no local head from boundary {src} to output {dst}; supported: image->(K,), "
-        "image->image, (T, D)->(T, V), (T, D)->(K,) and (D,)->(K,); "
-        "pass a custom head for this output"
+        "image->image, (T, D)->(T, V), (T, D)->(K,) and (D,)->(K,)"
     )

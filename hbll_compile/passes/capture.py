@@ -76,6 +76,11 @@ class Captured:
     example_inputs: tuple[torch.Tensor, ...]
 
 
+def example_batch(inputs: Sequence[torch.Tensor]) -> int:
+    """The batch size of an example: the first input's leading dimension (1 for a scalar input)."""
+    return max(int(inputs[0].shape[0]), 1) if inputs[0].dim() else 1
+
+
 def capture(model: nn.Module, example_inputs: Sequence[Any]) -> Captured:
     """Capture ``model`` on ``example_inputs`` and annotate every node (see :class:`NodeInfo`).
 

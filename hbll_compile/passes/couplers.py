@@ -24,42 +24,28 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from hbll_compile.config import HBLLConfig
-from hbll_compile.errors import CompileError
-from hbll_compile.ir import BlockSpec, Boundary, Tail, Tree
+from hbll_compile.errors import LoweringError
+from hbll_compile.ir import BlockSpec, Boundary, CouplerPlan, Tail, Tree
 from hbll_compile.nn.coupling import Coupler
 
-
-@dataclass(frozen=True)
-class CouplerPlan:
-    """What was built for one internal node; the runtime reads ``source`` instead of re-deriving it."""
-
-    node: int
-    span: tuple[int, int]
-    source: int
-    """The boundary the learned part reads: ``span[0]``, or 1 when it first runs block 1 on token ids."""
-    sink: int
-    """The boundary the learned part writes: ``span[1]``, or the tail's input (``Tail.input.index``)."""
-    runs_tail: bool
-    """Whether the model's output tail finishes the coupler (spans that end at the output)."""
-    budget: int
-    flops: int
-    hidden: int
+__all__ = ["build_couplers"]
 
 
 def build_couplers(
-    tree: Tree, boundaries: list[Boundary], specs: list[BlockSpec], tail: Tail, config: HBLLConfig,
-    example_batch: int,
+    tree: Tree, boundaries: list[Boundary], specs: list[BlockSpec], tail: Tail, config: HBLLConfig
 ) -> tuple[nn.ModuleDict, list[CouplerPlan]]:
-    """Couplers keyed by ``str(node.id)``, seeded by ``config.seed`` (the global RNG is left untouched)."""
+    """Couplers keyed by ``str(node.id)``, seeded by ``config.seed`` (the global RNG is left untouched).
+
+    Raises:
+        LoweringError: a coupler cannot be built between two boundary shapes.
+    """
     couplers, plans = nn.ModuleDict(), []
-    per_sample = [spec.flops / max(example_batch, 1) for spec in specs]
-    tail_flops = tail.spec.flops / max(example_batch, 1)
+    per_sample = [spec.sample_flops for spec in specs]
+    tail_flops = tail.spec.sample_flops
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         for node in tree.internal_nodes:
@@ -73,7 +59,7 @@ def build_couplers(
                 coupler = Coupler.for_budget(boundaries[source].shape, written.shape, budget,
                                              n_layers=config.coupler_layers, gain=config.coupler_gain)
             except ValueError as err:
-                raise CompileError(f"cannot build the coupler of span {node.span}: {err}",
+                raise LoweringError(f"cannot build the coupler of span {node.span}: {err}",
                                    node=f"boundary {source} ({boundaries[source].node})",
                                    remedy="choose another block count, or train with objective='dgl' or 'bp', "
                                    "which need no couplers") from err

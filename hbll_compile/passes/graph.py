@@ -30,6 +30,7 @@ import networkx as nx
 import torch.fx as fx
 from torch import nn
 
+from hbll_compile._util import lookup
 from hbll_compile.errors import CutError
 
 
@@ -106,16 +107,6 @@ def _only_feeds_batchnorm(gm: fx.GraphModule, n: fx.Node) -> bool:
         u.op == "call_module" and isinstance(gm.get_submodule(u.target), nn.modules.batchnorm._BatchNorm)
         for u in n.users
     )
-
-
-def lookup(root: nn.Module, target: str) -> object | None:
-    """The object at dotted ``target`` under ``root`` (``"layer1.0.bn1.weight"``), or None if absent."""
-    owner: object = root
-    for part in target.split("."):
-        if not hasattr(owner, part):
-            return None
-        owner = getattr(owner, part)
-    return owner
 
 
 def _legal_cuts(

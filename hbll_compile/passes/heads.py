@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 from hbll_compile.config import HBLLConfig
-from hbll_compile.errors import CompileError
+from hbll_compile.errors import LoweringError
 from hbll_compile.ir import Boundary
 from hbll_compile.nn.heads import make_head
+
+__all__ = ["build_heads", "wants_heads"]
 
 
 def wants_heads(config: HBLLConfig) -> bool:
@@ -28,7 +30,11 @@ def wants_heads(config: HBLLConfig) -> bool:
 
 
 def build_heads(boundaries: list[Boundary], config: HBLLConfig) -> nn.ModuleDict:
-    """Heads keyed by ``str(i)`` for boundaries 1..N-1 (empty when the config needs none)."""
+    """Heads keyed by ``str(i)`` for boundaries 1..N-1 (empty when the config needs none).
+
+    Raises:
+        LoweringError: no head maps a boundary's shape to the output's (see :func:`~hbll_compile.nn.heads.make_head`).
+    """
     heads = nn.ModuleDict()
     if not wants_heads(config):
         return heads
@@ -39,7 +45,7 @@ def build_heads(boundaries: list[Boundary], config: HBLLConfig) -> nn.ModuleDict
             try:
                 heads[str(boundary.index)] = make_head(boundary.shape, output)
             except ValueError as err:
-                raise CompileError(f"cannot build a local head at boundary {boundary.index}: {err}",
+                raise LoweringError(f"cannot build a local head at boundary {boundary.index}: {err}",
                                    node=boundary.node,
                                    remedy="set local_head_weight=0 (objective 'hbll'), or choose another block count"
                                    ) from err

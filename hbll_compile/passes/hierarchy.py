@@ -16,6 +16,8 @@ from itertools import accumulate
 
 from hbll_compile.ir import Span, Tree
 
+__all__ = ["build_tree"]
+
 
 def build_tree(block_costs: list[int] | tuple[int, ...]) -> Tree:
     """Return the balanced :class:`~hbll_compile.ir.Tree` for blocks with these costs."""

@@ -33,10 +33,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from hbll_compile._util import lookup
 from hbll_compile.errors import LoweringError
 from hbll_compile.ir import BlockSpec, Boundary, Tail
-from hbll_compile.passes.capture import Captured
-from hbll_compile.passes.graph import GraphView, lookup
+from hbll_compile.passes.capture import Captured, example_batch
+from hbll_compile.passes.graph import GraphView
 from hbll_compile.passes.partition import Partition
 
 
@@ -87,7 +88,8 @@ def lower(
     context = _graph_module(gm, context_graph, resolve, "Context")
     blocks = [_graph_module(gm, g, resolve, f"Block{i + 1}") for i, g in enumerate(block_graphs)]
 
-    specs = [_spec(i + 1, view.sequence[bounds[i]:bounds[i + 1]], block, r, nodes)
+    batch = example_batch(captured.example_inputs)
+    specs = [_spec(i + 1, view.sequence[bounds[i]:bounds[i + 1]], block, r, nodes, batch)
              for i, (block, r) in enumerate(zip(blocks, reads))]
     boundaries = [_boundary(i, name, nodes) for i, name in enumerate(boundary_nodes)]
 
@@ -98,19 +100,23 @@ def lower(
         members = view.sequence[inner[-1]:]
         graph, tail_reads = _block_graph(nodes, members, cut.node, view.output)
         tail = _graph_module(gm, graph, resolve, "Tail")
-        tail_info = Tail(cut, _spec(n, members, tail, tail_reads, nodes))
+        tail_info = Tail(cut, _spec(n, members, tail, tail_reads, nodes, batch))
     else:
         tail, tail_info = blocks[-1], Tail(boundaries[n - 1], specs[-1])
     return Lowered(context, context_names, input_names, blocks, specs, boundaries, constants, tail, tail_info)
 
 
-def _spec(index: int, members: list[str], module: nn.Module, reads: list[str], nodes: dict[str, fx.Node]) -> BlockSpec:
+def _spec(
+    index: int, members: list[str], module: nn.Module, reads: list[str], nodes: dict[str, fx.Node], batch: int
+) -> BlockSpec:
+    flops = sum(nodes[m].meta["hbll"].flops for m in members)
     return BlockSpec(
         index=index,
         nodes=tuple(members),
-        flops=sum(nodes[m].meta["hbll"].flops for m in members),
+        flops=flops,
         param_count=sum(p.numel() for p in module.parameters()),
         context=tuple(reads),
+        sample_flops=flops / batch,
     )
 
 

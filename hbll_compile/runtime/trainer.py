@@ -19,6 +19,10 @@ from typing import Any
 
 import torch
 
+from hbll_compile._util import device_of
+
+__all__ = ["evaluate", "fit", "split_batch", "to_device"]
+
 Batch = Sequence[torch.Tensor]
 
 
@@ -39,7 +43,7 @@ def evaluate(model: Any, loader: Iterable[Batch], *, depth: int | None = None) -
     """Mean task loss and accuracy (argmax over the last output dim) of ``model(*x, depth=depth)``."""
     was_training = model.training
     model.eval()
-    device = _device_of(model)
+    device = device_of(model)
     total_loss, correct, count, batches = 0.0, 0, 0, 0
     try:
         for batch in loader:
@@ -73,7 +77,7 @@ def fit(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
-    device = _device_of(model)
+    device = device_of(model)
     history: dict[str, list[float]] = {"loss": [], "eval_loss": [], "eval_accuracy": [], "steps_per_s": []}
     total = len(train_loader) if hasattr(train_loader, "__len__") else None
     columns = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
@@ -105,9 +109,3 @@ def fit(
                     bar.console.print(f"epoch {epoch}: eval loss {metrics['loss']:.4f}, "
                                       f"accuracy {100 * metrics['accuracy']:.2f}%")
     return history
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")

@@ -1,23 +1,24 @@
-"""The shared model zoo: every test that needs "a real model" takes it from ``ZOO``.
+"""The one shared test helper module: the model zoo and the helpers several test modules use.
 
-Each :class:`Case` builds a fresh model (seeded) and example inputs, and says which block counts
-it must compile at.
+Every test that needs "a real model" takes it from ``ZOO``. Each :class:`Case` builds a fresh model
+(seeded) and example inputs, and says which block counts it must compile at. ``examples/`` is on the
+test path (``pythonpath`` in pyproject.toml), so the zoo reuses the examples' own modules.
 """
 
 from __future__ import annotations
 
-import sys
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from charlm_gpt import CausalSelfAttention
+from cifar10_resnet import BasicBlock  # one definition of the residual block, shared with the example
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from charlm_gpt import CausalSelfAttention  # noqa: E402
-from cifar10_resnet import BasicBlock  # noqa: E402  (one definition of the residual block, shared with the example)
+import hbll_compile as hc
 
 
 class MLP(nn.Module):
@@ -270,3 +271,43 @@ ZOO: dict[str, Case] = {c.name: c for c in [
     Case("masked", MaskedEncoder, lambda b: (torch.randint(0, 30, (b, 7)),), (2, 4)),
     Case("two_inputs", TwoInputs, lambda b: (torch.randn(b, 1, 8, 8), torch.randn(b, 6)), (2, 4)),
 ]}
+
+
+def seq_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over every position of a (B, T, V) output."""
+    return F.cross_entropy(out.flatten(0, -2), y.flatten())
+
+
+def loss_for(case: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The task loss of a zoo case: per-token cross-entropy for the GPT, cross-entropy otherwise."""
+    return seq_loss if case == "gpt" else F.cross_entropy
+
+
+def targets(case: str, batch: int) -> torch.Tensor:
+    """Random class targets that fit a zoo case's output."""
+    if case == "gpt":
+        return torch.randint(0, 50, (batch, 16))
+    classes = {"mlp": 5, "resmlp": 5, "masked": 3, "two_inputs": 4}.get(case, 10)
+    return torch.randint(0, classes, (batch,))
+
+
+def compile_case(case: str, n: int, **config: object) -> hc.HBLLModel:
+    """A zoo case compiled at ``n`` blocks with its loss and ``HBLLConfig(**config)``."""
+    c = ZOO[case]
+    return hc.hbll_compile(c.build(), c.example(), blocks=n, loss=loss_for(case), config=hc.HBLLConfig(**config))
+
+
+GOLDEN = Path(__file__).parent / "golden"
+"""Expected texts of generated code and schedules; ``HBLL_UPDATE_GOLDEN=1 pytest`` rewrites them."""
+
+
+def assert_golden(name: str, text: str) -> None:
+    """Compare ``text`` with ``tests/golden/<name>``, or rewrite that file when ``HBLL_UPDATE_GOLDEN=1``
+    (review the diff before committing it)."""
+    path = GOLDEN / name
+    if os.environ.get("HBLL_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.is_file(), f"no golden file {path}; create it with HBLL_UPDATE_GOLDEN=1"
+    expected = path.read_text()
+    assert text == expected, f"{name} changed; if intended, regenerate with HBLL_UPDATE_GOLDEN=1 and review the diff"

@@ -47,6 +47,19 @@ from torch import nn
 
 from hbll_compile.errors import TrainingError
 
+__all__ = [
+    "BUFFERS",
+    "BatchPlan",
+    "StackedBlocks",
+    "TIED",
+    "UNIQUE",
+    "batch_key",
+    "blocks_sharing_parameters",
+    "plan_batching",
+    "stack_context",
+    "structure",
+]
+
 BUFFERS = "has buffers (BatchNorm statistics or captured constants), which vmap cannot update in place"
 TIED = "shares a parameter with another block or within itself (tied weights)"
 UNIQUE = "no structurally identical block"

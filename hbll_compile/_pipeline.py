@@ -1,0 +1,83 @@
+"""The compile pipeline: the passes in order, from an ``nn.Module`` to the parts of an ``HBLLModel``.
+
+model -> capture -> graph (legal cuts) -> partition -> lower -> hierarchy -> couplers and heads -> schedule.
+Each pass adds to what it receives and never recomputes what an earlier pass recorded. Both
+:func:`hbll_compile.hbll_compile` and :meth:`hbll_compile.HBLLModel.load` run it; it sits below the
+model so that loading needs no import of the API layer.
+
+Example:
+    >>> import torch
+    >>> parts = run_passes(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)),
+    ...                    (torch.randn(3, 4),), blocks=2, config=HBLLConfig())
+    >>> parts.report.capture, parts.report.max_blocks, parts.schedule.name
+    ('export', 2, 'hbll-wavefront')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hbll_compile.config import HBLLConfig
+from hbll_compile.ir import CompileReport, CouplerPlan, Tree
+from hbll_compile.passes.capture import Captured, capture, example_batch
+from hbll_compile.passes.couplers import build_couplers
+from hbll_compile.passes.graph import build_graph
+from hbll_compile.passes.heads import build_heads
+from hbll_compile.passes.hierarchy import build_tree
+from hbll_compile.passes.lower import Lowered, lower
+from hbll_compile.passes.partition import choose_cuts
+from hbll_compile.runtime.schedule import Schedule, build_bp, build_dgl, build_hbll
+
+__all__ = ["Parts", "build_schedule", "run_passes"]
+
+
+@dataclass
+class Parts:
+    """Everything the passes produced; :class:`~hbll_compile.model.HBLLModel` is built from it."""
+
+    captured: Captured
+    lowered: Lowered
+    tree: Tree
+    couplers: nn.ModuleDict
+    coupler_plans: list[CouplerPlan]
+    heads: nn.ModuleDict
+    schedule: Schedule
+    report: CompileReport
+
+
+def run_passes(
+    model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *, blocks: int | None,
+    config: HBLLConfig,
+) -> Parts:
+    """Run every pass on ``model``; refusals are the passes' own ``CompileError`` subclasses."""
+    captured = capture(model, example_inputs)
+    view = build_graph(captured.gm)
+    partition = choose_cuts(view.costs, view.legal_cuts, blocks)
+    lowered = lower(captured, view, partition, model, output_tail=config.output_tail)
+    tree = build_tree(partition.block_costs)
+    couplers, plans = build_couplers(tree, lowered.boundaries, lowered.specs, lowered.tail_info, config)
+    heads = build_heads(lowered.boundaries, config)
+    report = CompileReport(
+        capture=captured.method,
+        legal_cuts=len(view.legal_cuts),
+        max_blocks=len(view.legal_cuts) + 1,
+        block_costs=tuple(partition.block_costs),
+        context=tuple(lowered.context_names),
+        example_batch=example_batch(captured.example_inputs),
+        example_inputs=tuple((tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in captured.example_inputs),
+    )
+    return Parts(captured, lowered, tree, couplers, plans, heads, build_schedule(tree, config), report)
+
+
+def build_schedule(tree: Tree, config: HBLLConfig) -> Schedule:
+    """The training-step schedule the config asks for."""
+    if config.objective == "bp":
+        return build_bp(tree.n_blocks)
+    if config.objective == "dgl":
+        return build_dgl(tree.n_blocks)
+    return build_hbll(tree, inputs=config.inputs, corrections=config.corrections, correction=config.correction,
+                      head_weight=config.local_head_weight)
