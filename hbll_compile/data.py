@@ -94,28 +94,20 @@ def load_mnist8k(
         >>> len(train), len(test), train[0][0].shape
         (6400, 1600, torch.Size([1, 28, 28]))
     """
-    if path is None:
-        with resources.as_file(resources.files("hbll_compile").joinpath(*_MNIST8K)) as packaged:
-            return _read_mnist(packaged, val_fraction, seed, flatten)
-    file = Path(path).expanduser()
-    if not file.is_file():
+    source = resources.files("hbll_compile").joinpath(*_MNIST8K) if path is None else Path(path).expanduser()
+    if not source.is_file():
         raise FileNotFoundError(
-            f"no MNIST file at {file}; pass the path of an .npz holding 'images' (uint8, N x 28 x 28) "
+            f"no MNIST file at {source}; pass the path of an .npz holding 'images' (uint8, N x 28 x 28) "
             "and 'labels' (int64, N), or no path to use the 8,000 digits shipped with hbll_compile"
         )
-    return _read_mnist(file, val_fraction, seed, flatten)
-
-
-def _read_mnist(file: Path, val_fraction: float, seed: int, flatten: bool) -> tuple[TensorDataset, TensorDataset]:
-    """Read, check, normalise and split one MNIST ``.npz`` (see :func:`load_mnist8k`)."""
-    with np.load(file) as archive:
+    with resources.as_file(source) as file, np.load(file) as archive:
         missing = {"images", "labels"} - set(archive.files)
         if missing:
-            raise ValueError(f"{file} lacks array(s) {sorted(missing)}; it needs 'images' and 'labels'")
+            raise ValueError(f"{source} lacks array(s) {sorted(missing)}; it needs 'images' and 'labels'")
         images, labels = archive["images"], archive["labels"]
     if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != (len(images),):
         raise ValueError(
-            f"{file}: expected images N x 28 x 28 and labels N, got {images.shape} and {labels.shape}"
+            f"{source}: expected images N x 28 x 28 and labels N, got {images.shape} and {labels.shape}"
         )
     x = torch.from_numpy(images.astype(np.float32)).div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
     x = x.reshape(len(x), -1) if flatten else x.unsqueeze(1)
