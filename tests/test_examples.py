@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import shutil
+import subprocess
 import sys
+import zipfile
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -11,7 +17,8 @@ from test_data import write_cifar10
 
 from hbll_compile.cli import main as cli
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 
 
 def _example(name: str):
@@ -22,12 +29,59 @@ def _example(name: str):
     return module
 
 
-def test_mnist_demo_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    results = _example("mnist_resmlp").main(["--epochs", "2", "--width", "32", "--depth", "4", "--blocks", "4",
-                                             "--limit", "1536"])
-    out = capsys.readouterr().out
-    assert "critical path" in out and "held-out accuracy: BP" in out and "depth 0" in out
-    assert results["bp"] > 0.5 and results["hbll"] > 0.5  # 24 steps on real digits reach well above chance
+def _clone(destination: Path) -> Path:
+    """Copy the repository's files as a clone would have them (tracked or new, never ignored ones)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():  # skip tracked files deleted in the working tree
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, destination / name)
+    return destination
+
+
+def test_mnist_demo_runs_from_a_clone_without_shared(tmp_path: Path) -> None:
+    clone = _clone(tmp_path / "clone")  # a fresh folder: no ../shared beside it
+    env = {**os.environ, "PYTHONPATH": str(clone), "OMP_NUM_THREADS": "1"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, *args], cwd=clone, env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    found = run("-c", "import importlib.util; print(importlib.util.find_spec('hbll_compile').origin)")
+    assert Path(found.stdout.strip()) == clone / "hbll_compile" / "__init__.py"
+    demo = run("examples/mnist_resmlp.py", "--epochs", "2", "--width", "32", "--depth", "4", "--blocks", "4",
+               "--limit", "1536")
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert "critical path" in demo.stdout and "depth 0" in demo.stdout
+    accuracies = re.search(r"held-out accuracy: BP ([\d.]+)%, HBLL ([\d.]+)%", demo.stdout)
+    assert accuracies is not None, demo.stdout[-2000:]
+    bp, hbll = map(float, accuracies.groups())
+    assert bp > 50 and hbll > 50  # 24 steps on real digits reach well above chance (10%)
+
+
+def test_wheel_ships_mnist8k(tmp_path: Path) -> None:
+    """pyproject.toml declares the package data, so an installed (non-editable) package has the demo data."""
+    pytest.importorskip("setuptools", reason="builds the wheel offline with the project's build backend")
+    clone = _clone(tmp_path / "clone")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], cwd=clone, check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("hbll_compile-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert "hbll_compile/_data/README.md" in archive.namelist()
+        shipped = archive.read("hbll_compile/_data/mnist8k.npz")
+    assert shipped == resources.files("hbll_compile").joinpath("_data", "mnist8k.npz").read_bytes()
+
+
+def test_no_file_reaches_outside_the_repository() -> None:
+    """A user's clone has no sibling ``shared/`` folder: no code may reach it, by relative or absolute path."""
+    outside = re.compile(rf"\.\./shared/|{re.escape(str(ROOT.parent / 'shared'))}")
+    offenders = [f"{path.relative_to(ROOT)}: {line.strip()}"
+                 for folder in ("hbll_compile", "examples", "benchmarks", "tests")
+                 for path in sorted((ROOT / folder).rglob("*.py"))
+                 for line in path.read_text(encoding="utf-8").splitlines()
+                 if outside.search(line)]
+    assert offenders == []
 
 
 def test_charlm_example_runs() -> None:
