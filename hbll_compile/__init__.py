@@ -17,6 +17,7 @@ from hbll_compile.errors import (
     CutError,
     ExportError,
     LoweringError,
+    NonFiniteError,
     TrainingError,
 )
 from hbll_compile.export import ExportReport, export_onnx, export_training_artifacts
@@ -31,6 +32,7 @@ __all__ = [
     "HBLLConfig",
     "HBLLModel",
     "LoweringError",
+    "NonFiniteError",
     "TrainingError",
     "export_onnx",
     "export_training_artifacts",

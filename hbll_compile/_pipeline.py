@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ class Parts:
 
 
 def run_passes(
-    model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *, blocks: int | None,
+    model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, blocks: int | None,
     config: HBLLConfig,
 ) -> Parts:
     """Run every pass on ``model``; refusals are the passes' own ``CompileError`` subclasses."""

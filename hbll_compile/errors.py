@@ -9,7 +9,15 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["CaptureError", "CompileError", "CutError", "ExportError", "LoweringError", "TrainingError"]
+__all__ = [
+    "CaptureError",
+    "CompileError",
+    "CutError",
+    "ExportError",
+    "LoweringError",
+    "NonFiniteError",
+    "TrainingError",
+]
 
 
 class CompileError(Exception):
@@ -39,6 +47,10 @@ class LoweringError(CompileError):
 
 class TrainingError(CompileError):
     """The compiled model cannot train as asked (bad target, missing loss, unsupported objective)."""
+
+
+class NonFiniteError(TrainingError):
+    """A training step met a non-finite loss or gradient; it names the unit and what was non-finite."""
 
 
 class ExportError(CompileError):

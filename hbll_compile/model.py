@@ -12,19 +12,21 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from hbll_compile import _checkpoint
 from hbll_compile._pipeline import Parts, run_passes
-from hbll_compile._util import first_line, lookup
+from hbll_compile._util import device_of, first_line, lookup
 from hbll_compile.config import HBLLConfig
-from hbll_compile.errors import TrainingError
+from hbll_compile.errors import CompileError, TrainingError
 from hbll_compile.ir import BlockSpec, Boundary, CompileReport, CouplerPlan, Tail
 from hbll_compile.passes.lower import bind_state
 from hbll_compile.runtime._batching import blocks_sharing_parameters
@@ -32,6 +34,9 @@ from hbll_compile.runtime.executor import Executor, TaskHook
 from hbll_compile.runtime.trainer import evaluate, fit
 
 __all__ = ["HBLLModel"]
+
+_PIPELINE = "pipeline."
+"""State-dict prefix of the training pipeline (see ``HBLLModel._save_to_state_dict``)."""
 
 
 class HBLLModel(nn.Module):
@@ -41,6 +46,9 @@ class HBLLModel(nn.Module):
     Parameters and buffers are the user's own objects: training the compiled model trains the
     original, which :meth:`to_original` returns.
     """
+
+    _model: nn.Module
+    tail: fx.GraphModule
 
     def __init__(
         self,
@@ -94,7 +102,27 @@ class HBLLModel(nn.Module):
                 child._apply(fn)
         for module in (self.context, *self.blocks, self.tail):
             bind_state(module, self._resolve)
+        pipeline = self._executor.pipeline_state()  # the in-flight batches follow the model
+        self._executor.load_pipeline_state({k: fn(v) for k, v in pipeline.items()})
         return self
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        """Add the training pipeline (step counter, wavefront ring) as ``pipeline.*`` tensors, so that
+        ordinary checkpointing (``torch.save(m.state_dict())``, :meth:`save`) resumes exactly."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, value in self._executor.pipeline_state().items():
+            destination[f"{prefix}{_PIPELINE}{key}"] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        start = f"{prefix}{_PIPELINE}"
+        pipeline = {k.removeprefix(start): state_dict.pop(k) for k in [k for k in state_dict if k.startswith(start)]}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        device = device_of(self)
+        self._executor.load_pipeline_state({k: v.to(device) for k, v in pipeline.items()})
 
     def train(self, mode: bool = True) -> HBLLModel:
         self._model.train(mode)
@@ -194,18 +222,23 @@ class HBLLModel(nn.Module):
         return self.run_coupler(node, h, env)
 
     def forward(self, *inputs: torch.Tensor, depth: int | None = None) -> torch.Tensor:
-        """The exact chain of blocks, or with ``depth=d`` the depth-d subnetwork (couplers and blocks)."""
-        if len(inputs) != len(self.input_names):
-            raise TypeError(f"expected {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
-                            f"got {len(inputs)}")
+        """The exact chain of blocks, or with ``depth=d`` the depth-d subnetwork (couplers and blocks).
+
+        Raises:
+            CompileError: the wrong number of inputs, a non-tensor input, or a depth that is not an
+                integer in 0..tree depth.
+        """
+        self._check_inputs(inputs)
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int)
+                                  or not 0 <= depth <= self.tree.depth):
+            raise CompileError(f"depth must be None or an integer in 0..{self.tree.depth}, got {depth!r}",
+                               node="depth", remedy=f"pass depth=None (the exact chain) or 0..{self.tree.depth}")
         env = self.environment(*inputs)
         h = inputs[0]
         if depth is None or depth >= self.tree.depth:
             for i in range(1, len(self.blocks) + 1):
                 h = self.run_block(i, h, env)
             return h
-        if depth < 0:
-            raise ValueError(f"depth must be in 0..{self.tree.depth}, got {depth}")
         for node in self.tree.nodes_at_depth(depth):
             h = self.run_block(node.span[1], h, env) if node.is_leaf else self.run_coupler(node.id, h, env)
         return h
@@ -218,7 +251,23 @@ class HBLLModel(nn.Module):
         if self.task_loss is None:
             raise TrainingError("no task loss was given", node="loss",
                                 remedy="compile with hbll_compile(..., loss=torch.nn.functional.cross_entropy)")
+        self._check_inputs(inputs)
+        if not isinstance(target, torch.Tensor):
+            raise TrainingError(f"target must be a tensor, got {type(target).__name__}", node="target",
+                                remedy="call training_step(*inputs, target=y) with the batch's targets")
+        if target.dim() and inputs[0].dim() and target.shape[0] != inputs[0].shape[0]:
+            raise TrainingError(f"target has {target.shape[0]} rows but the batch has {inputs[0].shape[0]}",
+                                node="target", remedy="pass the targets of this batch")
         return self._executor.step(inputs, target)
+
+    def _check_inputs(self, inputs: tuple[Any, ...]) -> None:
+        if len(inputs) != len(self.input_names):
+            raise CompileError(f"expected {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
+                               f"got {len(inputs)}", node="inputs", remedy="pass one tensor per model input")
+        for name, x in zip(self.input_names, inputs):
+            if not isinstance(x, torch.Tensor):
+                raise CompileError(f"input {name} is a {type(x).__name__}, not a tensor", node=name,
+                                   remedy="pass tensors shaped like the compile-time example")
 
     def register_task_hook(self, hook: TaskHook) -> RemovableHandle:
         """Call ``hook(task, done)`` before (``done=False``) and after (``done=True``) every task of a
@@ -237,10 +286,16 @@ class HBLLModel(nn.Module):
         eval_loader: Iterable[Sequence[torch.Tensor]] | None = None,
         *,
         progress: bool = True,
+        on_nonfinite: Literal["raise", "skip"] = "raise",
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 0,
+        resume: bool = False,
     ) -> dict[str, list[float]]:
         """Train for ``epochs`` on batches ``(inputs..., target)`` with a rich progress bar (loss,
-        steps/s, stage count); default optimizer AdamW(lr=1e-3). Returns the per-epoch history."""
-        return fit(self, train_loader, epochs, optimizer, eval_loader, progress=progress)
+        steps/s, stage count); default optimizer AdamW(lr=1e-3). Returns the per-epoch history. See
+        :func:`hbll_compile.runtime.trainer.fit` for non-finite handling, checkpoints and resuming."""
+        return fit(self, train_loader, epochs, optimizer, eval_loader, progress=progress, on_nonfinite=on_nonfinite,
+                   checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
 
     def depth_flops(self, depth: int | None) -> int:
         """Per-sample FLOPs of ``self(x, depth=depth)`` (the exact chain for ``None``)."""
@@ -267,12 +322,41 @@ class HBLLModel(nn.Module):
         return rows
 
     # -- persistence ---------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write every parameter and buffer (model, couplers, heads) and the compile settings to a
-        safetensors file; :meth:`load` rebuilds the compiled model from it."""
+    def save(
+        self, path: str | os.PathLike[str], *, optimizer: torch.optim.Optimizer | None = None,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Write the state dict (model, couplers, heads, training pipeline), the compile settings and a
+        checksum to a safetensors file (its directory is created), plus ``optimizer``'s state and
+        ``extra`` named tensors when given. :meth:`load` rebuilds the compiled model from it,
+        :meth:`restore_optimizer` the optimizer; :meth:`load_checkpoint` loads it into this model."""
         settings = {"blocks": len(self.blocks), "config": self.config.to_dict(),
                     "example_inputs": self.report.example_inputs}
-        _checkpoint.write(self, path, settings)
+        _checkpoint.write(self, path, settings, optimizer, extra)
+
+    def load_checkpoint(
+        self, path: str | os.PathLike[str], optimizer: torch.optim.Optimizer | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Load a file written by :meth:`save` into this model (and ``optimizer``); returns its ``extra``
+        tensors.
+
+        Raises:
+            CompileError: the file is corrupt or does not fit this model or optimizer.
+        """
+        extra = _checkpoint.load_into(self, path)
+        if optimizer is not None:
+            _checkpoint.restore_optimizer(optimizer, path)
+        return extra
+
+    @staticmethod
+    def restore_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike[str]) -> None:
+        """Load the optimizer state saved by ``save(path, optimizer=...)`` into ``optimizer``, which must be
+        built the same way on the loaded model's ``parameters()``.
+
+        Raises:
+            CompileError: the file holds no optimizer state, or it does not fit ``optimizer``.
+        """
+        _checkpoint.restore_optimizer(optimizer, path)
 
     @classmethod
     def load(
@@ -291,9 +375,15 @@ class HBLLModel(nn.Module):
             True
         """
         settings = _checkpoint.read_settings(path)
+        if not callable(model_factory):
+            raise CompileError(f"model_factory must be callable, got {type(model_factory).__name__}",
+                               node="model_factory", remedy="pass the function that builds the saved model")
+        model = model_factory()
+        if not isinstance(model, nn.Module):
+            raise CompileError(f"model_factory returned a {type(model).__name__}, not an nn.Module",
+                               node="model_factory", remedy="pass the function that builds the saved model")
         examples = tuple(torch.zeros(shape, dtype=getattr(torch, dtype)) for shape, dtype in settings["example_inputs"])
         config = HBLLConfig.from_dict(settings["config"])
-        model = model_factory()
         compiled = cls(model, run_passes(model, examples, blocks=settings["blocks"], config=config),
                        loss=loss, config=config)
         _checkpoint.load_into(compiled, path)
@@ -313,7 +403,7 @@ class HBLLModel(nn.Module):
             span = spec.nodes[0] if len(spec.nodes) == 1 else f"{spec.nodes[0]} .. {spec.nodes[-1]}"
             table.add_row(str(spec.index), span, f"{spec.flops:,}", f"{spec.param_count:,}",
                           "B×" + "×".join(map(str, boundary.shape)), str(level[spec.index]))
-        console = Console(width=140, record=True, file=_Null())
+        console = Console(width=140, record=True, file=io.StringIO())
         console.print(table)
         return console.export_text()
 
@@ -321,17 +411,9 @@ class HBLLModel(nn.Module):
         return f"HBLLModel(blocks={len(self.blocks)}, depth={self.tree.depth}, model={type(self._model).__name__})"
 
 
-class _Null:
-    def write(self, _: str) -> int:
-        return 0
-
-    def flush(self) -> None:
-        pass
-
-
 def _needs_isolation(blocks: nn.ModuleList) -> list[bool]:
     """Blocks that must run on detached copies of their state when used as a fixed map: those with
     buffers (BatchNorm statistics must not move) or with a tied parameter (a tied weight would otherwise
     collect gradient through another unit's path)."""
-    tied = blocks_sharing_parameters(blocks)
+    tied = blocks_sharing_parameters(list(blocks))
     return [i in tied or any(True for _ in block.buffers()) for i, block in enumerate(blocks, 1)]

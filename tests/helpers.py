@@ -8,10 +8,12 @@ test path (``pythonpath`` in pyproject.toml), so the zoo reuses the examples' ow
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from charlm_gpt import CausalSelfAttention
@@ -311,3 +313,21 @@ def assert_golden(name: str, text: str) -> None:
     assert path.is_file(), f"no golden file {path}; create it with HBLL_UPDATE_GOLDEN=1"
     expected = path.read_text()
     assert text == expected, f"{name} changed; if intended, regenerate with HBLL_UPDATE_GOLDEN=1 and review the diff"
+
+
+def write_cifar_batch(path: Path, start: int, n: int, label_key: bytes) -> None:
+    """A CIFAR-format pickle; image k has every byte of its red channel = start + k."""
+    images = np.zeros((n, 3072), dtype=np.uint8)
+    images[:, :1024] = (start + np.arange(n))[:, None]
+    images[:, 2048:] = 255
+    batch = {b"data": images, label_key: [(start + k) % 10 for k in range(n)], b"batch_label": b"x"}
+    with open(path, "wb") as fh:
+        pickle.dump(batch, fh)
+
+
+def write_cifar10(folder: Path) -> None:
+    """A tiny CIFAR-10 folder in the exact python-batch format (15 train, 4 test images)."""
+    folder.mkdir(parents=True)
+    for i in range(1, 6):
+        write_cifar_batch(folder / f"data_batch_{i}", start=10 * i, n=3, label_key=b"labels")
+    write_cifar_batch(folder / "test_batch", start=100, n=4, label_key=b"labels")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import sysconfig
 from importlib import resources
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_cifar10, write_cifar_batch
 
 from hbll_compile import data
 from hbll_compile.data import (
@@ -106,24 +106,6 @@ def test_mnist_packaged_file() -> None:
 # --------------------------------------------------------------------------------------------- CIFAR
 
 
-def _write_batch(path: Path, start: int, n: int, label_key: bytes) -> None:
-    """A CIFAR-format pickle; image k has every byte of its red channel = start + k."""
-    images = np.zeros((n, 3072), dtype=np.uint8)
-    images[:, :1024] = (start + np.arange(n))[:, None]
-    images[:, 2048:] = 255
-    batch = {b"data": images, label_key: [(start + k) % 10 for k in range(n)], b"batch_label": b"x"}
-    with open(path, "wb") as fh:
-        pickle.dump(batch, fh)
-
-
-def write_cifar10(folder: Path) -> None:
-    """A tiny CIFAR-10 folder in the exact python-batch format (15 train, 4 test images)."""
-    folder.mkdir(parents=True)
-    for i in range(1, 6):
-        _write_batch(folder / f"data_batch_{i}", start=10 * i, n=3, label_key=b"labels")
-    _write_batch(folder / "test_batch", start=100, n=4, label_key=b"labels")
-
-
 def _red_values(x: torch.Tensor, mean: float, std: float) -> list[int]:
     return torch.round((x[:, 0, 0, 0] * std + mean) * 255).long().tolist()
 
@@ -149,8 +131,8 @@ def test_cifar10_layouts(tmp_path: Path, nested: bool) -> None:
 def test_cifar100_layouts(tmp_path: Path, nested: bool) -> None:
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
-    _write_batch(folder / "train", start=0, n=6, label_key=b"fine_labels")
-    _write_batch(folder / "test", start=50, n=2, label_key=b"fine_labels")
+    write_cifar_batch(folder / "train", start=0, n=6, label_key=b"fine_labels")
+    write_cifar_batch(folder / "test", start=50, n=2, label_key=b"fine_labels")
     train, test = load_cifar100(tmp_path if nested else folder)
     assert train.tensors[0].shape == (6, 3, 32, 32) and len(test) == 2
     assert train.tensors[1].tolist() == [0, 1, 2, 3, 4, 5]
@@ -172,8 +154,8 @@ def test_cifar_missing_files_say_where_and_how(tmp_path: Path) -> None:
 def test_cifar_wrong_label_key(tmp_path: Path) -> None:
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
-    _write_batch(folder / "train", start=0, n=2, label_key=b"labels")
-    _write_batch(folder / "test", start=0, n=2, label_key=b"labels")
+    write_cifar_batch(folder / "train", start=0, n=2, label_key=b"labels")
+    write_cifar_batch(folder / "test", start=0, n=2, label_key=b"labels")
     with pytest.raises(ValueError, match="fine_labels"):
         load_cifar100(tmp_path)
 

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from test_data import write_cifar10
+from helpers import write_cifar10
 
 from hbll_compile.cli import main as cli
 

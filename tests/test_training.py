@@ -21,11 +21,11 @@ def _grads(module: torch.nn.Module) -> dict[int, torch.Tensor | None]:
 @pytest.mark.parametrize("n", [8, 16, 64])
 def test_default_critical_path_is_logarithmic(n: int) -> None:
     net = MLP(d_in=6, width=8, depth=n, classes=3)
-    m = hc.hbllcompile_case(net, (torch.randn(2, 6),), blocks=n, loss=F.cross_entropy)
+    m = hc.hbll_compile(net, (torch.randn(2, 6),), blocks=n, loss=F.cross_entropy)
     L = math.ceil(math.log2(n))
     m.schedule.validate()
     assert m.schedule.critical_path() <= 3 * L + 2
-    assert hc.hbllcompile_case(net, (torch.randn(2, 6),), blocks=n,
+    assert hc.hbll_compile(net, (torch.randn(2, 6),), blocks=n,
                            config=hc.HBLLConfig(objective="bp")).schedule.critical_path() == 2 * n
 
 
@@ -48,7 +48,7 @@ def test_no_gradient_crosses_a_block_boundary(inputs: str) -> None:
         after = _grads(m)
         allowed = {id(p) for p in units[task.unit].parameters()}
         if task.head is not None:
-            allowed |= {id(p) for p in m.heads[str(task.unit.index)].parameters()}
+            allowed |= {id(p) for p in m.heads[str(task.unit.id)].parameters()}
         changed = {k for k, g in after.items()
                    if g is not None and (before[k] is None or not torch.equal(before[k], g))}
         assert changed <= allowed, f"{task.kind} {task.unit} leaked gradient into other units"
@@ -71,7 +71,7 @@ def test_bp_objective_equals_eager_backprop() -> None:
     case = ZOO["resnet"]
     model = case.build()
     reference = copy.deepcopy(model)
-    m = hc.hbllcompile_case(model, case.example(), blocks=4, loss=F.cross_entropy, config=hc.HBLLConfig(objective="bp"))
+    m = hc.hbll_compile(model, case.example(), blocks=4, loss=F.cross_entropy, config=hc.HBLLConfig(objective="bp"))
     x, y = case.example(batch=6), targets("resnet", 6)
     loss = m.training_step(*x, target=y)
     expected = F.cross_entropy(reference(*x), y)
@@ -197,7 +197,7 @@ def test_fit_and_depth_report() -> None:
 
 
 def test_training_without_loss_is_refused() -> None:
-    m = hc.hbllcompile_case(ZOO["mlp"].build(), ZOO["mlp"].example(), blocks=2)
+    m = hc.hbll_compile(ZOO["mlp"].build(), ZOO["mlp"].example(), blocks=2)
     with pytest.raises(hc.TrainingError, match="loss"):
         m.training_step(*ZOO["mlp"].example(), target=torch.zeros(4, dtype=torch.long))
 
@@ -213,7 +213,7 @@ def test_hbll_step_flops_within_issue_budget() -> None:
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(net(x), y).backward()
     bp = counter.get_total_flops()
-    m = hc.hbllcompile_case(net, (x[:2],), blocks=16, loss=F.cross_entropy)
+    m = hc.hbll_compile(net, (x[:2],), blocks=16, loss=F.cross_entropy)
     for _ in range(17):  # fill the wavefront pipeline: every unit works in the measured step
         m.training_step(x, target=y)
     with FlopCounterMode(display=False) as counter:

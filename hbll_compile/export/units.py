@@ -37,7 +37,7 @@ class TrainingUnit:
     """One trainable unit and the graph of its local objective.
 
     Attributes:
-        name: directory name: ``block3``, ``coupler0``, ``head2``.
+        name: directory name: ``block3``, ``coupler0``.
         kind: ``"block"`` or ``"coupler"``.
         index: block index or tree node id.
         loss: the objective, in words.
@@ -54,11 +54,11 @@ class TrainingUnit:
     loss: str
     path: tuple[int, ...]
     boundary: int
+    task: Task = field(repr=False)
+    """The schedule's update task this unit is."""
     target_boundary: int | None = None
     needs_inputs: bool = False
     needs_y: bool = True
-    task: Task | None = field(default=None, repr=False)
-    """The schedule's update task this unit is."""
     trainable: list[nn.Parameter] = field(default_factory=list, repr=False)
 
     def input_names(self, model_inputs: Sequence[str]) -> list[str]:
@@ -91,8 +91,8 @@ def training_units(m: HBLLModel) -> list[TrainingUnit]:
                           "independently", node="config.objective",
                           remedy="compile with HBLLConfig(objective='hbll') or 'dgl'")
     units: list[TrainingUnit] = []
-    for task in sorted(tasks, key=lambda t: (t.kind is TaskKind.COUPLER_UPDATE, t.unit.index)):
-        i = task.unit.index
+    for task in sorted(tasks, key=lambda t: (t.kind is TaskKind.COUPLER_UPDATE, t.unit.id)):
+        i = task.unit.id
         if task.kind is TaskKind.HEAD_UPDATE:
             unit = TrainingUnit(f"block{i}", "block", i, f"task_loss(c_{i}(f_{i}(h_{i - 1})), y)", (), i - 1,
                                 task=task)
@@ -178,7 +178,7 @@ def guess_target(m: HBLLModel, output: torch.Tensor) -> torch.Tensor:
     for candidate in candidates:
         try:
             with torch.no_grad():
-                value = m.task_loss(output, candidate)
+                value = m.score(output, candidate)
         except Exception:  # noqa: BLE001 - probing which target layout the loss accepts
             continue
         if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -200,7 +200,7 @@ def unit_example(
         args.append(boundaries[unit.boundary])
         if unit.needs_inputs:
             args += list(inputs)
-    args.append(boundaries[unit.target_boundary] if unit.kind == "coupler" else target)
+    args.append(boundaries[unit.target_boundary] if unit.target_boundary is not None else target)
     if unit.kind == "coupler" and unit.needs_y:
         args.append(target)
     return tuple(args)

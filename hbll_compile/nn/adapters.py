@@ -377,7 +377,7 @@ class Compose(ShapeAdapter):
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         for a in reversed(self.parts):
-            y = a.inverse(y)
+            y = a.inverse(y)  # type: ignore[operator]  # every part is a ShapeAdapter
         return y
 
 

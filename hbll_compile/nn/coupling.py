@@ -35,7 +35,7 @@ def _residual_net(shape: Shape, in_channels: int, out_channels: int, hidden: int
     else:
         first, last = nn.Linear(in_channels, hidden), nn.Linear(hidden, out_channels)
     nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
+    nn.init.zeros_(last.bias)  # type: ignore[arg-type]  # both layers have a bias
     return nn.Sequential(first, nn.GELU(), last)
 
 
@@ -149,7 +149,7 @@ class Coupler(nn.Module):
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         x = self.adapter.inverse(y) if self.couple_first else y
         for layer in reversed(self.layers):
-            x = layer.inverse(x)
+            x = layer.inverse(x)  # type: ignore[operator]  # every layer is an AdditiveCoupling
         return x if self.couple_first else self.adapter.inverse(x)
 
     def flops(self, batch: int = 1) -> int:

@@ -187,7 +187,7 @@ class StackedBlocks:
         columns = [current[i :: len(self.names)] for i in range(len(self.names))]
         with torch.no_grad():
             self.stacked = tuple(_stack(name, column) for name, column in zip(self.names, columns))
-        self._bound, self._ptrs = current, [p.data_ptr() for p in current]
+        self._bound, self._ptrs = current, [p.data_ptr() for p in current if p is not None]
 
     def hand_out_grads(self, members: Sequence[int]) -> None:
         """Give each trainable member parameter its slice of the stacked gradient, as a view (added to
@@ -292,11 +292,11 @@ def _renamed(block: fx.GraphModule, tokens: dict[str, str]) -> dict[str, str]:
 
 def _target_key(block: fx.GraphModule, node: fx.Node, tokens: dict[str, str]) -> Hashable:
     if node.op == "call_module":
-        module = block.get_submodule(node.target)
-        return tokens[node.target], type(module), repr(module)  # leaf torch.nn modules: repr holds the config
+        module = block.get_submodule(str(node.target))
+        return tokens[str(node.target)], type(module), repr(module)  # leaf torch.nn modules: repr holds the config
     if node.op == "get_attr":
-        value = _attribute(block, node.target)
-        return tokens[node.target] if isinstance(value, nn.Parameter) else ("object", id(value))
+        value = _attribute(block, str(node.target))
+        return tokens[str(node.target)] if isinstance(value, nn.Parameter) else ("object", id(value))
     return _hashable(node.target)
 
 

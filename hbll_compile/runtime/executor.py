@@ -31,26 +31,29 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
+import torch.fx as fx
 from torch.utils.hooks import RemovableHandle
 
+from hbll_compile.errors import NonFiniteError
 from hbll_compile.runtime._batching import BatchPlan, StackedBlocks, batch_key, plan_batching, stack_context
 from hbll_compile.runtime.objectives import Env, Units, block_loss, trainable, update_loss
 from hbll_compile.runtime.schedule import Schedule, Stage, Task, TaskKind, Value
 
-__all__ = ["Executor", "TaskHook"]
+__all__ = ["Executor", "RingEntry", "TaskHook"]
 
 TaskHook = Callable[[Task, bool], None]
 """``hook(task, done)``: called with ``done=False`` just before a task runs and ``done=True`` just after."""
 
 
 @dataclass
-class _Batch:
-    """One batch in the wavefront ring: its input, target, context and the boundaries computed for it."""
+class RingEntry:
+    """One batch in the wavefront ring: its inputs, target, environment (inputs and context values) and
+    the boundaries computed for it so far, by key (``"h3"``)."""
 
-    x: torch.Tensor
+    inputs: tuple[torch.Tensor, ...]
     y: torch.Tensor
     env: Env
     h: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -79,11 +82,17 @@ class _Ready(NamedTuple):
 class Executor:
     """Interprets ``schedule`` on ``units`` (an :class:`~hbll_compile.runtime.objectives.Units`)."""
 
-    def __init__(self, schedule: Schedule, units: Units) -> None:
+    def __init__(self, schedule: Schedule, units: Units, *, owns: Callable[[Task], bool] | None = None) -> None:
+        """``owns`` selects the tasks this executor runs (default: all); a distributed executor runs
+        each rank's share of one schedule."""
         self.schedule = schedule
         self.units = units
         self.wavefront = units.config.objective == "hbll" and units.config.inputs == "wavefront"
-        self.ring: deque[_Batch] = deque(maxlen=units.tree.n_blocks + 1)
+        self.ring: deque[RingEntry] = deque(maxlen=units.tree.n_blocks + 1)
+        """Wavefront mode: the N+1 most recent batches, newest first (``ring[k]`` entered k steps ago)."""
+        self.steps = 0
+        """Training steps completed (a step that raised is not counted)."""
+        self._written: list[tuple[RingEntry, str]] = []
         self._values: dict[Value, torch.Tensor] = {}
         self._env: Env = {}
         self._memo: dict[tuple[int, Value], torch.Tensor] = {}
@@ -100,19 +109,47 @@ class Executor:
             TaskKind.BP_FORWARD: self._bp_forward,
             TaskKind.BP_BACKWARD: self._bp_backward,
         }
-        self.batching: BatchPlan | None = plan_batching(units.blocks) if units.config.executor == "batched" else None
+        blocks = cast("list[fx.GraphModule]", list(units.blocks))
+        self.batching: BatchPlan | None = plan_batching(blocks) if units.config.executor == "batched" else None
         """Which blocks run as one vmap under ``executor="batched"`` (None for the loop executor)."""
         groups = self.batching.groups if self.batching else ()
         self.stacks = {
-            group: StackedBlocks([units.blocks[i - 1] for i in group], units.specs[group[0] - 1].context)
+            group: StackedBlocks([blocks[i - 1] for i in group], units.specs[group[0] - 1].context)
             for group in groups
         }
         """The stacked parameters of each group, by its blocks."""
-        self._work = [_work_items(stage, self.stacks) for stage in schedule.stages]
+        self._work = [_work_items(tuple(t for t in stage if owns is None or owns(t)), self.stacks)
+                      for stage in schedule.stages]
 
     def reset(self) -> None:
         """Forget the wavefront pipeline (e.g. after changing the weights by hand)."""
         self.ring.clear()
+
+    def pipeline_state(self) -> dict[str, torch.Tensor]:
+        """The step counter and the wavefront ring as named tensors (``steps``, ``{k}.in{j}``, ``{k}.y``,
+        ``{k}.h{i}`` for the batch that entered k steps ago): what a resumed run needs to continue
+        exactly where this one stopped."""
+        state = {"steps": torch.tensor(self.steps)}
+        for k, entry in enumerate(self.ring):
+            state.update((f"{k}.in{j}", x) for j, x in enumerate(entry.inputs))
+            state[f"{k}.y"] = entry.y
+            state.update((f"{k}.{key}", h) for key, h in entry.h.items())
+        return state
+
+    def load_pipeline_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`pipeline_state` returned (context values are recomputed from the inputs)."""
+        self.steps = int(state.get("steps", torch.tensor(0)))
+        entries: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in state.items():
+            if name != "steps":
+                k, key = name.split(".", 1)
+                entries.setdefault(int(k), {})[key] = value
+        self.ring.clear()
+        for k in sorted(entries):
+            fields = entries[k]
+            inputs = tuple(fields.pop(f"in{j}") for j in range(sum(key.startswith("in") for key in fields)))
+            y = fields.pop("y")
+            self.ring.append(RingEntry(inputs, y, self.units.environment(*inputs), fields))
 
     def register_task_hook(self, hook: TaskHook) -> RemovableHandle:
         """Call ``hook(task, done)`` around every task this executor runs; ``handle.remove()`` stops it."""
@@ -123,10 +160,38 @@ class Executor:
     # -- one step --------------------------------------------------------------------------------
     def step(self, inputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
         """Run one training step; returns the task loss of the deepest block that ran (detached), or
-        NaN when no block update ran yet (wavefront warm-up)."""
+        NaN when no block update ran yet (wavefront warm-up).
+
+        A step either completes or leaves no trace: when a task raises (for example
+        :class:`~hbll_compile.errors.NonFiniteError` for a non-finite loss or gradient), every ``.grad``
+        is put back as it was before the step and the wavefront ring forgets this batch.
+        """
+        saved = {p: p.grad.clone() for p in self._parameters() if p.grad is not None}
+        dropped = self.ring[-1] if self.wavefront and len(self.ring) == self.ring.maxlen else None
+        self._written = []
+        try:
+            loss = self._run(inputs, target)
+        except BaseException:
+            for p in self._parameters():
+                p.grad = saved.get(p)
+            if self.wavefront:
+                for entry, key in self._written:
+                    entry.h.pop(key, None)
+                self.ring.popleft()
+                if dropped is not None:
+                    self.ring.append(dropped)
+            raise
+        self.steps += 1
+        return loss
+
+    def _parameters(self) -> list[torch.nn.Parameter]:
+        units = self.units
+        return [*units.blocks.parameters(), *units.couplers.parameters(), *units.heads.parameters()]
+
+    def _run(self, inputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
         env = self.units.environment(*inputs)
         if self.wavefront:
-            self.ring.appendleft(_Batch(inputs[0], target, env))
+            self.ring.appendleft(RingEntry(inputs, target, env))
         self._values = {Value.batch("x"): inputs[0], Value.batch("y"): target}
         self._env, self._memo, self._bp, self._losses = env, {}, {}, {}
         for work in self._work:
@@ -154,15 +219,17 @@ class Executor:
             return self._values.get(value)
         if value.lag >= len(self.ring):
             return None
-        batch = self.ring[value.lag]
-        return batch.x if value.name == "x" else batch.y if value.name == "y" else batch.h.get(value.key)
+        entry = self.ring[value.lag]
+        return entry.inputs[0] if value.name == "x" else entry.y if value.name == "y" else entry.h.get(value.key)
 
     def _env_of(self, value: Value) -> Env:
         return self.ring[value.lag].env if self.wavefront else self._env
 
     def _write(self, value: Value, tensor: torch.Tensor) -> None:
         if self.wavefront:
-            self.ring[value.lag].h[value.key] = tensor
+            entry = self.ring[value.lag]
+            entry.h[value.key] = tensor
+            self._written.append((entry, value.key))
         else:
             self._values[value] = tensor
 
@@ -184,18 +251,18 @@ class Executor:
     @torch.no_grad()
     def _block_forward(self, task: Task) -> None:
         (value,) = task.reads
-        leaf = self.units.tree.leaves[task.unit.index - 1].id
+        leaf = self.units.tree.leaves[task.unit.id - 1].id
         self._write(task.writes[0], self.units.run_node(leaf, self._need(value), self._env_of(value)))
 
     @torch.no_grad()
     def _coupler_forward(self, task: Task) -> None:
         (value,) = task.reads
-        self._write(task.writes[0], self._coupled(task.unit.index, value, self._env_of(value)))
+        self._write(task.writes[0], self._coupled(task.unit.id, value, self._env_of(value)))
 
     @torch.no_grad()
     def _correct(self, task: Task) -> None:
         """Parareal: ``new_b = C_v(new_a) + f_b(old_{b-1}) − C_v(old_a)``."""
-        node = task.unit.index
+        node = task.unit.id
         new_a, old_last, old_a = task.reads
         env = self._env_of(new_a)
         b = self.units.tree.nodes[node].span[1]
@@ -208,13 +275,13 @@ class Executor:
         if h is None or y is None:
             return  # wavefront warm-up: this block's batch has not arrived yet
         loss, out = update_loss(self.units, task, h.detach(), y, self._env_of(h_value))
-        _backward(loss.total, trainable(self.units, task))
+        self._backward(task, loss.total, trainable(self.units, task), h, y)
         self._record(task, loss.task, out)
 
     _head_update = _block_update  # DGL: block i and its head, trained by the head's loss alone
 
     def _coupler_update(self, task: Task) -> None:
-        node = task.unit.index
+        node = task.unit.id
         a_value, t_value, y_value = task.reads
         h_a, h_t, y = self.read(a_value), self.read(t_value), self.read(y_value)
         if h_a is None or h_t is None or y is None:
@@ -226,10 +293,10 @@ class Executor:
             with torch.no_grad():
                 target = self.units.run_node(self.units.tree.nodes[node].children[1], h_t, env)
         loss, _ = update_loss(self.units, task, h_a.detach(), y, env, target=target)
-        _backward(loss.total, trainable(self.units, task))
+        self._backward(task, loss.total, trainable(self.units, task), h_a, y)
 
     def _bp_forward(self, task: Task) -> None:
-        i = task.unit.index
+        i = task.unit.id
         h = self._need(task.reads[0])
         leaf = h.detach().requires_grad_() if i > 1 else None
         out = self.units.run_block(i, leaf if leaf is not None else h, self._env)
@@ -237,20 +304,52 @@ class Executor:
         self._write(task.writes[0], out)
 
     def _bp_backward(self, task: Task) -> None:
-        i = task.unit.index
+        i = task.unit.id
         leaf, out = self._bp[i]
+        x, y = self._values[Value.batch("x")], self._values[Value.batch("y")]
         if i == self.units.tree.n_blocks:
-            loss = self.units.score(out, self._need(task.reads[1]))
-            loss.backward()
+            loss = self.units.score(out, y)
+            if not torch.isfinite(loss.detach()):
+                raise self._nonfinite(task, "loss", x, y)
+            loss.backward()  # also fills leaf.grad, the gradient the next backward task reads
             self._losses[i] = loss
         else:
             out.backward(self._need(task.reads[1]))
+        if not _finite_grads(self.units.blocks[i - 1].parameters()):
+            raise self._nonfinite(task, "gradient", x, y)
         if task.writes and leaf is not None and leaf.grad is not None:
             self._write(task.writes[0], leaf.grad)
 
+    def _backward(
+        self, task: Task, loss: torch.Tensor, params: list[torch.nn.Parameter], h: torch.Tensor, y: torch.Tensor
+    ) -> None:
+        """Backward into ``params`` only, refusing a non-finite loss or gradient (see :meth:`_nonfinite`)."""
+        if not torch.isfinite(loss.detach()):
+            raise self._nonfinite(task, "loss", h, y)
+        _backward(loss, params)
+        if not _finite_grads(params):
+            raise self._nonfinite(task, "gradient", h, y)
+
+    def _nonfinite(self, task: Task, what: str, h: torch.Tensor, y: torch.Tensor) -> NonFiniteError:
+        """The error for a non-finite loss or gradient of ``task``, naming what was non-finite."""
+        unit = f"{task.unit}" + (f" (with {task.head})" if task.head is not None else "")
+        causes = [name for name, t in (("its input", h), ("the target", y))
+                  if t.is_floating_point() and not bool(t.isfinite().all())]
+        weights = [p for p in trainable(self.units, task) if not bool(p.isfinite().all())]
+        if weights:
+            causes.append(f"{len(weights)} of its weight tensors")
+        why = (f"{' and '.join(causes)} {'are' if len(causes) > 1 or weights else 'is'} non-finite" if causes else
+               "its input, target and weights are finite, so the computation overflowed")
+        return NonFiniteError(
+            f"non-finite {what} in {unit} at step {self.steps}: {why}; no gradient of this step was kept",
+            node=unit,
+            remedy="check the batch for NaN/inf; lower the learning rate or clip gradients if the weights "
+            "diverged; fit(..., on_nonfinite='skip') skips such batches",
+        )
+
     def _record(self, task: Task, loss: torch.Tensor, out: torch.Tensor) -> None:
         """Keep an update's task loss and write its detached output (wavefront: ``h{i}@next``)."""
-        self._losses[task.unit.index] = loss
+        self._losses[task.unit.id] = loss
         if task.writes:
             self._write(task.writes[0], out.detach())
 
@@ -283,18 +382,23 @@ class Executor:
         totals, params = [], list(stack.stacked)
         for r, out_r in zip(ready, out):
             loss = block_loss(self.units, r.task, out_r, r.y, r.env)
+            if not torch.isfinite(loss.total.detach()):
+                raise self._nonfinite(r.task, "loss", r.h, r.y)
             totals.append(loss.total)
             if r.task.head is not None:
-                params += list(self.units.heads[str(r.task.unit.index)].parameters())
+                params += list(self.units.heads[str(r.task.unit.id)].parameters())
             self._record(r.task, loss.task, out_r)
         _backward(torch.stack(totals).sum(), params)
         stack.hand_out_grads(members)
+        for r in ready:
+            if not _finite_grads(trainable(self.units, r.task)):
+                raise self._nonfinite(r.task, "gradient", r.h, r.y)
 
 
 def _work_items(stage: Stage, stacks: dict[tuple[int, ...], StackedBlocks]) -> list[Task | _Group]:
     """``stage`` as the executor runs it: each batching group with at least two block updates in the
     stage runs as one item, where its first member stands; every other task is an item of its own."""
-    updates = {t.unit.index: t for t in stage if t.kind is TaskKind.BLOCK_UPDATE}
+    updates = {t.unit.id: t for t in stage if t.kind is TaskKind.BLOCK_UPDATE}
     group_of: dict[Task, _Group] = {}
     for blocks, stack in stacks.items():
         members = tuple(j for j, i in enumerate(blocks) if i in updates)
@@ -303,12 +407,16 @@ def _work_items(stage: Stage, stacks: dict[tuple[int, ...], StackedBlocks]) -> l
             group_of.update((task, group) for task in group.tasks)
     items: list[Task | _Group] = []
     for task in stage:
-        group = group_of.get(task)
-        if group is None:
+        if task not in group_of:
             items.append(task)
-        elif task is group.tasks[0]:
-            items.append(group)
+        elif task is group_of[task].tasks[0]:
+            items.append(group_of[task])
     return items
+
+
+def _finite_grads(params: Iterable[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
 
 def _backward(loss: torch.Tensor, params: Iterable[torch.Tensor]) -> None:

@@ -110,7 +110,7 @@ def block_loss(units: Units, task: Task, out: torch.Tensor, y: torch.Tensor, env
     loss = path_loss(units, task.path, out, y, env)
     if task.head is None:
         return LocalLoss(loss, loss)
-    return LocalLoss(loss, loss + units.config.local_head_weight * head_loss(units, task.unit.index, out, y))
+    return LocalLoss(loss, loss + units.config.local_head_weight * head_loss(units, task.unit.id, out, y))
 
 
 def update_loss(
@@ -123,7 +123,7 @@ def update_loss(
     - ``COUPLER_UPDATE``: :func:`coupler_loss` towards ``target`` (the span's fine estimate); the
       output is ``target``.
     """
-    i = task.unit.index
+    i = task.unit.id
     if task.kind is TaskKind.BLOCK_UPDATE:
         out = units.run_block(i, h, env)
         return block_loss(units, task, out, y, env), out
@@ -142,7 +142,7 @@ def update_loss(
 def trainable(units: Units, task: Task) -> list[nn.Parameter]:
     """The parameters an update task's backward reaches: block i (and its head for a fused head or a DGL
     head update), or coupler v."""
-    i = task.unit.index
+    i = task.unit.id
     if task.kind is TaskKind.COUPLER_UPDATE:
         return list(units.couplers[str(i)].parameters())
     params = list(units.blocks[i - 1].parameters())

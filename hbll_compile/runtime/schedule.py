@@ -73,6 +73,7 @@ Example:
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -132,10 +133,11 @@ class Unit(NamedTuple):
     """
 
     kind: UnitKind
-    index: int
+    id: int
+    """Block index (1-based), tree node id of the coupler, or the head's block index."""
 
     def __str__(self) -> str:
-        return f"{self.kind} {self.index}"
+        return f"{self.kind} {self.id}"
 
     @classmethod
     def block(cls, i: int) -> Unit:
@@ -160,7 +162,7 @@ class Carry(enum.Enum):
 class Value(NamedTuple):
     """A value a task reads or writes.
 
-    ``name`` is ``"x"``, ``"y"``, ``"h"`` or ``"g"``; ``index`` the boundary of ``h``/``g``; ``sweep``
+    ``name`` is ``"x"``, ``"y"``, ``"h"`` or ``"g"``; ``boundary`` the index of ``h``/``g``; ``sweep``
     the tree-mode sweep; ``lag`` the wavefront batch it belongs to (0 = this step's); ``carry`` marks
     wavefront boundaries passed between steps. Build them with :meth:`h`, :meth:`g` and :meth:`batch`.
 
@@ -170,7 +172,7 @@ class Value(NamedTuple):
     """
 
     name: str
-    index: int | None = None
+    boundary: int | None = None
     sweep: int | None = None
     lag: int = 0
     carry: Carry | None = None
@@ -178,7 +180,7 @@ class Value(NamedTuple):
     @property
     def key(self) -> str:
         """The value's name within its batch: ``x``, ``y``, ``h3``, ``g2``."""
-        return self.name if self.index is None else f"{self.name}{self.index}"
+        return self.name if self.boundary is None else f"{self.name}{self.boundary}"
 
     def __str__(self) -> str:
         if self.carry is not None:
@@ -526,7 +528,7 @@ def _check_blocks(n_blocks: int) -> None:
         raise ValueError(f"a schedule needs at least one block, got {n_blocks}")
 
 
-def _validated(name: str, stages: list[Stage], inputs: frozenset[Value] | None) -> Schedule:
+def _validated(name: str, stages: Sequence[Stage], inputs: frozenset[Value] | None) -> Schedule:
     """Build and validate a schedule; ``inputs=None`` makes every read an input (wavefront mode)."""
     if inputs is None:
         inputs = frozenset(r for stage in stages for task in stage for r in task.reads)

@@ -13,13 +13,15 @@ Example:
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence, Sized
+from typing import Any, Literal
 
 import torch
 
 from hbll_compile._util import device_of
+from hbll_compile.errors import NonFiniteError, TrainingError
 
 __all__ = ["evaluate", "fit", "split_batch", "to_device"]
 
@@ -68,38 +70,93 @@ def fit(
     eval_loader: Iterable[Batch] | None = None,
     *,
     progress: bool = True,
+    on_nonfinite: Literal["raise", "skip"] = "raise",
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
 ) -> dict[str, list[float]]:
     """Train with ``model.training_step`` for ``epochs``; returns per-epoch history.
 
-    The default optimizer is AdamW(lr=1e-3) over all parameters (blocks, couplers, heads). The
-    progress bar shows the loss, steps per second and the schedule's stage count.
+    Rules:
+    - The default optimizer is AdamW(lr=1e-3) over all parameters (blocks, couplers, heads). The
+      progress bar shows the loss, steps per second and the schedule's stage count.
+    - ``history["loss"]`` is the mean of the epoch's finite step losses; an epoch with none (all in
+      the wavefront warm-up, or all skipped) reports NaN, never 0.
+    - A non-finite loss or gradient raises :class:`~hbll_compile.errors.NonFiniteError` naming the
+      unit (``on_nonfinite="raise"``), or skips that batch without an optimizer step
+      (``on_nonfinite="skip"``; counted in ``history["skipped"]``).
+    - ``checkpoint`` with ``checkpoint_every=k`` saves the model, the optimizer, the training
+      pipeline and the RNG states every k steps (and at the end). With ``resume=True`` an existing
+      checkpoint is loaded first and training continues from its step, skipping the batches the
+      interrupted epoch already consumed: with a loader whose order depends only on the torch RNG,
+      the resumed run is bit-identical to an uninterrupted one.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    if on_nonfinite not in ("raise", "skip"):
+        raise TrainingError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}", node="on_nonfinite",
+                            remedy="pass 'raise' or 'skip'")
+    if (checkpoint_every or resume) and checkpoint is None:
+        raise TrainingError("checkpoint_every and resume need a checkpoint path", node="checkpoint",
+                            remedy="pass checkpoint='run.safetensors'")
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
     device = device_of(model)
-    history: dict[str, list[float]] = {"loss": [], "eval_loss": [], "eval_accuracy": [], "steps_per_s": []}
-    total = len(train_loader) if hasattr(train_loader, "__len__") else None
+    history: dict[str, list[float]] = {"loss": [], "eval_loss": [], "eval_accuracy": [], "steps_per_s": [],
+                                       "skipped": []}
+    total = len(train_loader) if isinstance(train_loader, Sized) else None
+    done = 0
+    rng_epoch = rng_now = torch.get_rng_state()
+    if resume and checkpoint is not None and os.path.isfile(checkpoint):
+        extra = model.load_checkpoint(checkpoint, optimizer)
+        done = int(extra["fit.step"])
+        rng_epoch = extra["fit.rng_epoch"]
+        torch.set_rng_state(rng_epoch)  # replay this epoch's shuffle, then the RNG as it was at the save
+        rng_now = extra["fit.rng_now"]
+    if done and total is None:
+        raise TrainingError("resuming mid-run needs a loader with a length", node="train_loader",
+                            remedy="use a torch DataLoader over a map-style dataset")
     columns = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} steps/s  "
                           f"{len(model.schedule)} stages, critical path {model.schedule.critical_path()}"),
                TimeRemainingColumn())
+    step = 0
     with Progress(*columns, disable=not progress, transient=False) as bar:
         for epoch in range(1, epochs + 1):
+            if total is not None and step + total <= done:
+                step += total  # finished before the checkpoint
+                continue
             task = bar.add_task("train", total=total, epoch=epoch, loss=float("nan"), rate=0.0)
             model.train()
-            losses, start, steps = [], time.perf_counter(), 0
+            losses, skipped, start, steps = [], 0, time.perf_counter(), 0
+            if step >= done:
+                rng_epoch = torch.get_rng_state()
             for batch in train_loader:
+                if step < done:  # consumed before the checkpoint
+                    step += 1
+                    bar.update(task, advance=1)
+                    if step == done:
+                        torch.set_rng_state(rng_now)
+                    continue
                 inputs, target = split_batch(to_device(batch, device))
                 optimizer.zero_grad(set_to_none=True)
-                loss = model.training_step(*inputs, target=target)
-                optimizer.step()
+                try:
+                    loss = model.training_step(*inputs, target=target)
+                except NonFiniteError:
+                    if on_nonfinite == "raise":
+                        raise
+                    skipped += 1
+                else:
+                    optimizer.step()
+                    if torch.isfinite(loss):
+                        losses.append(float(loss))
+                step += 1
                 steps += 1
-                if torch.isfinite(loss):
-                    losses.append(float(loss))
+                if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
+                    _save(model, checkpoint, optimizer, step, rng_epoch)
                 rate = steps / (time.perf_counter() - start)
                 bar.update(task, advance=1, loss=losses[-1] if losses else float("nan"), rate=rate)
-            history["loss"].append(sum(losses) / max(len(losses), 1))
+            history["loss"].append(sum(losses) / len(losses) if losses else float("nan"))
+            history["skipped"].append(skipped)
             history["steps_per_s"].append(steps / (time.perf_counter() - start))
             if eval_loader is not None:
                 metrics = evaluate(model, eval_loader)
@@ -108,4 +165,12 @@ def fit(
                 if progress:
                     bar.console.print(f"epoch {epoch}: eval loss {metrics['loss']:.4f}, "
                                       f"accuracy {100 * metrics['accuracy']:.2f}%")
+    if checkpoint is not None and checkpoint_every and step > done:
+        _save(model, checkpoint, optimizer, step, rng_epoch)
     return history
+
+
+def _save(model: Any, path: str | os.PathLike[str], optimizer: torch.optim.Optimizer, step: int,
+          rng_epoch: torch.Tensor) -> None:
+    extra = {"fit.step": torch.tensor(step), "fit.rng_epoch": rng_epoch, "fit.rng_now": torch.get_rng_state()}
+    model.save(path, optimizer=optimizer, extra=extra)
