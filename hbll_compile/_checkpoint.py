@@ -30,11 +30,13 @@ from torch import nn
 from hbll_compile._util import first_line
 from hbll_compile.errors import CompileError
 
-__all__ = ["load_into", "read_settings", "restore_optimizer", "write"]
+__all__ = ["PIPELINE_PREFIX", "load_into", "read_settings", "restore_optimizer", "write"]
 
 _SETTINGS, _CHECKSUM, _OPTIMIZER = "hbll", "hbll.sha256", "hbll.optimizer"
 """Metadata keys: the compile settings (JSON), the tensors' checksum, the optimizer's non-tensor state."""
 _OPT_PREFIX, _EXTRA_PREFIX = "optimizer.", "extra."
+PIPELINE_PREFIX = "pipeline."
+"""State-dict prefix of a model's training pipeline, whose tensors vary with its state (see ``HBLLModel``)."""
 
 
 def write(
@@ -78,15 +80,16 @@ def load_into(module: nn.Module, path: str | os.PathLike[str]) -> dict[str, torc
     """
     _, tensors = _read(path, tensors=True)
     state = {k: v for k, v in tensors.items() if not k.startswith((_OPT_PREFIX, _EXTRA_PREFIX))}
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    own = {k: v for k, v in module.state_dict().items() if not k.startswith(PIPELINE_PREFIX)}
+    fixed = {k for k in state if not k.startswith(PIPELINE_PREFIX)}
+    missing = sorted(set(own) - fixed)
+    unexpected = sorted(fixed - set(own))
     reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or reshaped:
         parts = [f"{label}: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
                  for label, names in (("missing", missing), ("unexpected", unexpected), ("other shape", reshaped))
                  if names]
-        raise CompileError(f"{path} does not fit the model built by the factory ({'; '.join(parts)})",
+        raise CompileError(f"the file does not fit the model built by the factory ({'; '.join(parts)})",
                            node=os.fspath(path), remedy="load with the factory the model was saved with")
     module.load_state_dict(state, strict=True)
     return {k.removeprefix(_EXTRA_PREFIX): v for k, v in tensors.items() if k.startswith(_EXTRA_PREFIX)}
@@ -116,19 +119,21 @@ def _read(path: str | os.PathLike[str], *, tensors: bool) -> tuple[dict[str, str
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise CompileError(f"no such file: {path}", node=path, remedy="pass the path m.save(...) wrote")
+        raise CompileError("no such file", node=path, remedy="pass the path m.save(...) wrote")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-            loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+            # a copy is aligned like any fresh tensor; CPU kernels may round differently on the file's offsets,
+            # which would break bit-exact resumes
+            loaded = {k: f.get_tensor(k).clone() for k in f.keys()} if tensors else {}
     except Exception as err:  # noqa: BLE001 - safetensors reports corruption with several exception types
-        raise CompileError(f"{path} is not a readable safetensors file ({first_line(err)})", node=path,
+        raise CompileError(f"not a readable safetensors file ({first_line(err)})", node=path,
                            remedy="the file is truncated or corrupt; save the model again") from err
     if _SETTINGS not in metadata:
-        raise CompileError(f"{path} was not written by HBLLModel.save", node=path,
+        raise CompileError("the file was not written by HBLLModel.save", node=path,
                            remedy="save compiled models with m.save(path)")
     if tensors and metadata.get(_CHECKSUM) != _checksum(loaded):
-        raise CompileError(f"{path} is corrupt: its tensors do not match the checksum saved with them", node=path,
+        raise CompileError("the file is corrupt: its tensors do not match the checksum saved with them", node=path,
                            remedy="save the model again; the file was changed after it was written")
     return metadata, loaded
 
@@ -138,7 +143,7 @@ def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 

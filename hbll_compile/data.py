@@ -57,7 +57,7 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 # Shipped as package data (credit in hbll_compile/_data/README.md), so a clone or an installed wheel
 # runs the demo with no file outside the package.
-_MNIST8K = ("_data", "mnist8k.npz")
+_MNIST8K = "_data/mnist8k.npz"
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -94,7 +94,7 @@ def load_mnist8k(
         >>> len(train), len(test), train[0][0].shape
         (6400, 1600, torch.Size([1, 28, 28]))
     """
-    source = resources.files("hbll_compile").joinpath(*_MNIST8K) if path is None else Path(path).expanduser()
+    source = resources.files("hbll_compile").joinpath(_MNIST8K) if path is None else Path(path).expanduser()
     if not source.is_file():
         raise FileNotFoundError(
             f"no MNIST file at {source}; pass the path of an .npz holding 'images' (uint8, N x 28 x 28) "

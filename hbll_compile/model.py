@@ -35,9 +35,6 @@ from hbll_compile.runtime.trainer import evaluate, fit
 
 __all__ = ["HBLLModel"]
 
-_PIPELINE = "pipeline."
-"""State-dict prefix of the training pipeline (see ``HBLLModel._save_to_state_dict``)."""
-
 
 class HBLLModel(nn.Module):
     """A model cut into ``blocks`` arranged in a balanced binary ``tree``.
@@ -111,13 +108,13 @@ class HBLLModel(nn.Module):
         ordinary checkpointing (``torch.save(m.state_dict())``, :meth:`save`) resumes exactly."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for key, value in self._executor.pipeline_state().items():
-            destination[f"{prefix}{_PIPELINE}{key}"] = value if keep_vars else value.detach()
+            destination[f"{prefix}{_checkpoint.PIPELINE_PREFIX}{key}"] = value if keep_vars else value.detach()
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
         missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
     ) -> None:
-        start = f"{prefix}{_PIPELINE}"
+        start = f"{prefix}{_checkpoint.PIPELINE_PREFIX}"
         pipeline = {k.removeprefix(start): state_dict.pop(k) for k in [k for k in state_dict if k.startswith(start)]}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

@@ -15,7 +15,7 @@ def test_data_dependent_control_flow_is_refused_with_source_line() -> None:
     err = info.value
     assert isinstance(err, hc.CompileError)
     assert "data-dependent" in err.reason
-    assert err.node is not None and "models.py" in err.node and "if h.sum() > 0" in err.node
+    assert err.node is not None and "helpers.py" in err.node and "if h.sum() > 0" in err.node
     assert "torch.cond" in err.remedy
 
 

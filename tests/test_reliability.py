@@ -74,8 +74,10 @@ def test_fit_raises_on_divergence_or_skips_and_never_reports_zero() -> None:
                     torch.optim.SGD(m.parameters(), lr=0.01), progress=False, on_nonfinite="skip")
     assert history["skipped"] == [1, 1]
     assert all(torch.isfinite(torch.tensor(loss)) and loss > 0 for loss in history["loss"])
-    short = compile_case("resmlp", 8).fit(DataLoader(data, batch_size=32), 1, progress=False)
-    assert torch.isnan(torch.tensor(short["loss"][0]))  # 2 steps, all in the warm-up: NaN, not 0.0
+    all_bad = TensorDataset(torch.full((16, 20), float("nan")), data.tensors[1][:16])
+    history = compile_case("resmlp", 4).fit(DataLoader(all_bad, batch_size=8), 1, progress=False,
+                                            on_nonfinite="skip")
+    assert history["skipped"] == [2] and torch.isnan(torch.tensor(history["loss"][0]))  # NaN, never 0.0
 
 
 # -- argument checks -----------------------------------------------------------------------------

@@ -287,8 +287,9 @@ def _ort_quiet() -> Iterator[None]:
             os.dup2(saved, 2)
             capture.seek(0)
             lines = [line for line in capture.read().decode(errors="replace").splitlines() if "[I:" not in line]
-            if lines:
-                err.add_note("\n".join(lines[-20:]))
+            add_note = getattr(err, "add_note", None)  # Python >= 3.11
+            if lines and add_note is not None:
+                add_note("\n".join(lines[-20:]))
             raise
         finally:
             os.dup2(saved, 2)

@@ -46,7 +46,8 @@ def make_head(boundary_shape: Sequence[int], output_shape: Sequence[int]) -> nn.
     """
     src, dst = as_shape(boundary_shape), as_shape(output_shape)
     if len(dst) == 1:
-        pool: list[nn.Module] = {3: [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)], 2: [MeanOverTime()], 1: []}[len(src)]
+        pools: dict[int, list[nn.Module]] = {3: [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)], 2: [MeanOverTime()], 1: []}
+        pool = pools[len(src)]
         return nn.Sequential(*pool, nn.Linear(src[feature_axis(src)], dst[0]))
     if len(src) == len(dst) == 3:
         return nn.Sequential(nn.AdaptiveAvgPool2d(dst[1:]), nn.Conv2d(src[0], dst[0], 1))

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -179,7 +179,7 @@ class StackedBlocks:
 
     def sync(self) -> None:
         """Rebuild the stacks if a member parameter was replaced or its storage moved (``.to()`` and such)."""
-        current = [owner._parameters[leaf] for owner, leaf in self._slots]
+        current = [cast(nn.Parameter, owner._parameters[leaf]) for owner, leaf in self._slots]
         if len(current) == len(self._bound) and all(
             p is q and p.data_ptr() == ptr for p, q, ptr in zip(current, self._bound, self._ptrs)
         ):
@@ -187,7 +187,7 @@ class StackedBlocks:
         columns = [current[i :: len(self.names)] for i in range(len(self.names))]
         with torch.no_grad():
             self.stacked = tuple(_stack(name, column) for name, column in zip(self.names, columns))
-        self._bound, self._ptrs = current, [p.data_ptr() for p in current if p is not None]
+        self._bound, self._ptrs = current, [p.data_ptr() for p in current]
 
     def hand_out_grads(self, members: Sequence[int]) -> None:
         """Give each trainable member parameter its slice of the stacked gradient, as a view (added to

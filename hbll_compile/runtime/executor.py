@@ -142,8 +142,8 @@ class Executor:
         entries: dict[int, dict[str, torch.Tensor]] = {}
         for name, value in state.items():
             if name != "steps":
-                k, key = name.split(".", 1)
-                entries.setdefault(int(k), {})[key] = value
+                lag, key = name.split(".", 1)
+                entries.setdefault(int(lag), {})[key] = value
         self.ring.clear()
         for k in sorted(entries):
             fields = entries[k]

@@ -80,8 +80,8 @@ def fit(
     Rules:
     - The default optimizer is AdamW(lr=1e-3) over all parameters (blocks, couplers, heads). The
       progress bar shows the loss, steps per second and the schedule's stage count.
-    - ``history["loss"]`` is the mean of the epoch's finite step losses; an epoch with none (all in
-      the wavefront warm-up, or all skipped) reports NaN, never 0.
+    - ``history["loss"]`` is the mean of the epoch's step losses (each the deepest block's that ran); an
+      epoch whose every batch was skipped reports NaN, never 0.
     - A non-finite loss or gradient raises :class:`~hbll_compile.errors.NonFiniteError` naming the
       unit (``on_nonfinite="raise"``), or skips that batch without an optimizer step
       (``on_nonfinite="skip"``; counted in ``history["skipped"]``).
