@@ -16,6 +16,7 @@ from hbll_compile.errors import (
     CompileError,
     CutError,
     ExportError,
+    GuardError,
     LoweringError,
     TrainingError,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "CutError",
     "ExportError",
     "ExportReport",
+    "GuardError",
     "HBLLConfig",
     "HBLLModel",
     "LoweringError",

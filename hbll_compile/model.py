@@ -23,6 +23,7 @@ from hbll_compile.errors import TrainingError
 from hbll_compile.ir import BlockSpec, Boundary, Tail, Tree
 from hbll_compile.passes.couplers import CouplerPlan
 from hbll_compile.passes.graph import lookup
+from hbll_compile.passes.guards import ShapeGuards
 from hbll_compile.passes.lower import Lowered, bind_state
 from hbll_compile.runtime.batching import blocks_sharing_parameters
 from hbll_compile.runtime.executor import Executor
@@ -51,6 +52,7 @@ class HBLLModel(nn.Module):
         loss: Callable[..., torch.Tensor] | None = None,
         config: HBLLConfig | None = None,
         report: dict[str, Any] | None = None,
+        guards: ShapeGuards | None = None,
     ) -> None:
         super().__init__()
         object.__setattr__(self, "_model", model)  # not a submodule: the blocks already expose its state
@@ -76,6 +78,7 @@ class HBLLModel(nn.Module):
         self.task_loss = loss
         self.config = config or HBLLConfig()
         self.report = report or {}
+        self.guards = guards
         self._executor = Executor(schedule, self)
         self._needs_isolation = _needs_isolation(self.blocks)
         self.train(model.training)
@@ -106,7 +109,10 @@ class HBLLModel(nn.Module):
 
     # -- inference -----------------------------------------------------------------------------
     def environment(self, *inputs: torch.Tensor) -> dict[str, Any]:
-        """Model inputs and context values by name: what blocks read besides their boundary."""
+        """Model inputs and context values by name: what blocks read besides their boundary.
+        Raises :class:`~hbll_compile.errors.GuardError` for inputs outside the capture's shape guards."""
+        if self.guards is not None:
+            self.guards.check(*inputs)
         env: dict[str, Any] = dict(zip(self.input_names, inputs))
         env.update(zip(self.context_names, self.context(*inputs)))
         return env
