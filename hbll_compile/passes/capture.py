@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import logging
 import os
 import traceback
@@ -254,7 +255,8 @@ def _refuse_fixed_batch(guards: ShapeGuards, inputs: tuple[torch.Tensor, ...]) -
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[fx.GraphModule, ShapeGuards]:
     batch = torch.export.Dim.AUTO
     dynamic = tuple({0: batch} if x.dim() > 0 and x.shape[0] > 1 else None for x in inputs)
-    program = torch.export.export(model, inputs, strict=False, dynamic_shapes=dynamic)
+    with contextlib.redirect_stderr(io.StringIO()):  # a failed trace prints its partial graph there
+        program = torch.export.export(model, inputs, strict=False, dynamic_shapes=dynamic)
     gm = program.module()
     guards = ShapeGuards.from_program(program, gm)  # checked by the compiled model on every call instead
     for node in list(gm.graph.nodes):
@@ -460,10 +462,20 @@ class _Annotator(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, fake_mode: FakeTensorMode) -> None:
         super().__init__(gm)
         self.fake_mode = fake_mode
+        self.extra_traceback = False  # run_node names the failing node in a CaptureError already
 
     def run_node(self, n: fx.Node) -> Any:
-        with FlopCounterMode(display=False) as counter:
-            result = super().run_node(n)
+        try:
+            with FlopCounterMode(display=False) as counter:
+                result = super().run_node(n)
+        except Exception as err:  # noqa: BLE001 - any op fake tensors cannot run is reported at its node
+            raise CaptureError(
+                f"the shape of {n.name} does not follow from the input shapes: {type(err).__name__}: "
+                f"{_first_line(err)}",
+                node=_where(n),
+                remedy="blocks need shapes fixed by the input shapes; replace data-dependent shapes (boolean "
+                "mask indexing, nonzero, unique) by fixed-shape ops such as torch.where",
+            ) from err
         n.meta["hbll"] = NodeInfo(
             shape=tuple(result.shape) if isinstance(result, torch.Tensor) else None,
             dtype=str(result.dtype).removeprefix("torch.") if isinstance(result, torch.Tensor) else None,

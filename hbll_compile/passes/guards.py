@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -59,6 +59,7 @@ _COMPARISON = re.compile(rf"^({_SIZE.pattern}) (<=|>=|<|>|==|!=) (.+)$")
 _VERBS = {"==": "must be", "!=": "must not be", "<=": "must be <=", ">=": "must be >=", "<": "must be <",
           ">": "must be >"}
 _PREFIX = "Guard failed: "
+_MAX_REMEMBERED = 64
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,9 @@ class ShapeGuards:
     input_names: tuple[str, ...]
     batched: tuple[bool, ...]
     guards_fn: Callable[..., None] | None
+    _passed: set[tuple[torch.Size, ...]] = field(default_factory=set, init=False, repr=False, compare=False)
+    """Shape tuples that passed: guards read shapes only, and torch's guard function costs tens of
+    microseconds a call (a dynamo config context around it), a set lookup well under one."""
 
     @classmethod
     def from_program(cls, program: torch.export.ExportedProgram, gm: fx.GraphModule) -> ShapeGuards:
@@ -94,10 +98,16 @@ class ShapeGuards:
         """Raise :class:`GuardError` naming the first guard ``inputs`` break."""
         if self.guards_fn is None or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return
+        shapes = tuple(x.shape for x in inputs)
+        if shapes in self._passed:
+            return
         try:
             self.guards_fn(*inputs)
         except AssertionError as err:
             raise _guard_error(str(err), self.input_names, inputs) from err
+        if len(self._passed) >= _MAX_REMEMBERED:
+            self._passed.clear()
+        self._passed.add(shapes)
 
     def admits(self, *inputs: torch.Tensor) -> bool:
         """Whether ``inputs`` pass every guard."""
