@@ -232,7 +232,8 @@ def _describe_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> str:
     except (TypeError, ValueError):
         names = []
     names += [f"input {i}" for i in range(len(names), len(inputs))]
-    return ", ".join(f"{name}: {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" for name, x in zip(names, inputs))
+    return ", ".join(f"{name}: {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+                     for name, x in zip(names, inputs))
 
 
 def _first_line(error: BaseException) -> str:
