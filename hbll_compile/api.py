@@ -155,7 +155,7 @@ def _verify(compiled: HBLLModel, model: nn.Module, captured: Captured) -> None:
     inputs, guards = captured.example_inputs, captured.guards
     batches = {"the example inputs": inputs}
     rows = inputs[0].shape[0]
-    second = (guards.resized(inputs, n) for n in (rows + 1, rows - 1, 2 * rows + 1) if n >= 1)
+    second = (guards.resized(inputs, n) for n in (rows + 1, rows - 1, 2 * rows, 2 * rows + 1))
     admitted = next((batch for batch in second if guards.admits(*batch)), None)
     if admitted is not None:
         batches[f"a second batch of {admitted[0].shape[0]} rows (the example's, cycled)"] = admitted

@@ -70,9 +70,9 @@ class ShapeGuards:
     input_names: tuple[str, ...]
     batched: tuple[bool, ...]
     guards_fn: Callable[..., None] | None
-    _passed: set[tuple[torch.Size, ...]] = field(default_factory=set, init=False, repr=False, compare=False)
-    """Shape tuples that passed: guards read shapes only, and torch's guard function costs tens of
-    microseconds a call (a dynamo config context around it), a set lookup well under one."""
+    _passed: set[tuple[tuple[int, ...], ...]] = field(default_factory=set, init=False, repr=False, compare=False)
+    """Sizes and strides that passed: guards read nothing else, and torch's guard function costs tens of
+    microseconds a call (a dynamo config context around it), a set lookup about one."""
 
     @classmethod
     def from_program(cls, program: torch.export.ExportedProgram, gm: fx.GraphModule) -> ShapeGuards:
@@ -81,7 +81,8 @@ class ShapeGuards:
         placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
         batched = tuple(_dynamic_dim0(n.meta.get("val"), program.range_constraints) for n in placeholders)
         guards = getattr(gm, "_guards_fn", None)
-        # torch.export leaves the function out for some callers; then the range checks are all we lose
+        # torch.export leaves it out when called from some packages (executorch, torchao): then nothing
+        # is checked, as for an fx capture
         return cls(tuple(n.name for n in placeholders), batched, guards.forward if guards is not None else None)
 
     @classmethod
@@ -95,7 +96,7 @@ class ShapeGuards:
         """Raise :class:`GuardError` naming the first guard ``inputs`` break."""
         if self.guards_fn is None or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return
-        shapes = tuple(x.shape for x in inputs)
+        shapes = tuple(x.shape + x.stride() for x in inputs)
         if shapes in self._passed:
             return
         try:
