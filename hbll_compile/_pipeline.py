@@ -24,7 +24,7 @@ from torch import nn
 
 from hbll_compile.config import HBLLConfig
 from hbll_compile.ir import CompileReport, CouplerPlan, Tree
-from hbll_compile.passes.capture import Captured, capture, example_batch
+from hbll_compile.passes.capture import Captured, capture, example_batch, preserved_buffers, quiet_torch_logs
 from hbll_compile.passes.couplers import build_couplers
 from hbll_compile.passes.graph import build_graph
 from hbll_compile.passes.heads import build_heads
@@ -54,11 +54,13 @@ def run_passes(
     model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, blocks: int | None,
     config: HBLLConfig,
 ) -> Parts:
-    """Run every pass on ``model``; refusals are the passes' own ``CompileError`` subclasses."""
-    captured = capture(model, example_inputs)
-    view = build_graph(captured.gm)
-    partition = choose_cuts(view.costs, view.legal_cuts, blocks)
-    lowered = lower(captured, view, partition, model, output_tail=config.output_tail)
+    """Run every pass on ``model``; refusals are the passes' own ``CompileError`` subclasses. torch's
+    compile-time logging is silenced, and ``model``'s buffers are as before afterwards."""
+    with quiet_torch_logs(), preserved_buffers(model):
+        captured = capture(model, example_inputs)
+        view = build_graph(captured.gm)
+        partition = choose_cuts(view.costs, view.legal_cuts, blocks)
+        lowered = lower(captured, view, partition, model, output_tail=config.output_tail)
     tree = build_tree(partition.block_costs)
     couplers, plans = build_couplers(tree, lowered.boundaries, lowered.specs, lowered.tail_info, config)
     heads = build_heads(lowered.boundaries, config)

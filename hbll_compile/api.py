@@ -1,4 +1,5 @@
-"""``hbll_compile``: the entry point. It runs the passes in order and returns an :class:`HBLLModel`.
+"""``hbll_compile``: the entry point. It checks its arguments, runs the passes in order
+(:mod:`hbll_compile._pipeline`) and returns a verified :class:`HBLLModel`.
 
 Example:
     >>> import torch, hbll_compile as hc
@@ -10,16 +11,19 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from hbll_compile._pipeline import run_passes
-from hbll_compile._util import max_abs_diff
+from hbll_compile._util import first_line, max_abs_diff
 from hbll_compile.config import HBLLConfig
 from hbll_compile.errors import CompileError, LoweringError
 from hbll_compile.model import HBLLModel
+from hbll_compile.passes.capture import Captured, preserved_buffers, quiet_torch_logs
 
 __all__ = ["hbll_compile"]
 
@@ -37,41 +41,90 @@ def hbll_compile(
     """Compile ``model`` into ``blocks`` blocks arranged in a balanced binary tree.
 
     Args:
-        model: any ``nn.Module`` whose forward returns one tensor. Its parameters are shared, not copied.
-        example_inputs: one example batch per forward argument (use a batch of at least 2, so the
-            batch dimension stays dynamic).
-        blocks: N, or ``None`` for the largest power of two not above min(8, legal maximum).
+        model: any ``nn.Module`` whose forward returns one tensor. Its parameters are shared, not copied;
+            compiling leaves its buffers and the example tensors as they were.
+        example_inputs: one example batch per forward argument: dim 0 of the first is the batch
+            dimension and needs at least 2 rows, so it stays dynamic (see
+            :func:`~hbll_compile.passes.capture.capture` for the full rule).
+        blocks: N (an int >= 1; not a bool or float), or ``None`` for the largest power of two not
+            above min(8, legal maximum).
         loss: the task loss ``loss(output, target)``, used by training.
         config: :class:`HBLLConfig`.
 
+    The returned model checks the shape guards of the capture on every call (see
+    :mod:`~hbll_compile.passes.guards`); it is verified against ``model`` on the example batch and on
+    a second batch of another size that passes those guards (the example's rows, cycled).
+
     Raises:
-        CompileError: a subclass naming the node, the reason and a remedy, when the model cannot be
-            captured, cut into ``blocks`` blocks, or lowered exactly.
+        CompileError: a subclass naming the node, the reason and a remedy, when an argument is invalid
+            or the model cannot be captured, cut into ``blocks`` blocks, or lowered exactly.
     """
-    if not isinstance(model, nn.Module):
-        raise CompileError(f"expected an nn.Module, got {type(model).__name__}", node="model",
-                           remedy="pass the model object itself")
+    blocks = _check_arguments(model, blocks, loss, config)
     config = config or HBLLConfig()
     parts = run_passes(model, example_inputs, blocks=blocks, config=config)
     compiled = HBLLModel(model, parts, loss=loss, config=config)
-    _verify(compiled, model, parts.captured.example_inputs)
+    with quiet_torch_logs():
+        _verify(compiled, model, parts.captured)
     return compiled
 
 
-def _verify(compiled: HBLLModel, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Refuse to return blocks whose composition differs from the model (eval mode, no state change)."""
+def _check_arguments(model: Any, blocks: Any, loss: Any, config: Any) -> int | None:
+    """Refuse arguments of the wrong type before any work (``blocks=2.5`` must not become 2)."""
+    if not isinstance(model, nn.Module):
+        raise CompileError(f"expected an nn.Module, got {type(model).__name__}", node="model",
+                           remedy="pass the model object itself")
+    if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, numbers.Integral)):
+        raise CompileError(f"blocks must be an int or None, got {blocks!r} ({type(blocks).__name__})",
+                           node="blocks", remedy="pass the number of blocks as an int, e.g. blocks=4, or "
+                           "blocks=None for the automatic choice")
+    if loss is not None and not callable(loss):
+        raise CompileError(f"loss must be callable, got {type(loss).__name__}", node="loss",
+                           remedy="pass a function loss(output, target), e.g. torch.nn.functional.cross_entropy")
+    if config is not None and not isinstance(config, HBLLConfig):
+        raise CompileError(f"config must be an HBLLConfig, got {type(config).__name__}", node="config",
+                           remedy="pass hbll_compile.HBLLConfig(...)")
+    return None if blocks is None else int(blocks)
+
+
+def _verify(compiled: HBLLModel, model: nn.Module, captured: Captured) -> None:
+    """Refuse to return blocks whose composition differs from the model (eval mode, state restored
+    before each run), on the example batch and on one more batch size that passes the guards."""
+    inputs, guards = captured.example_inputs, captured.guards
+    batches = {"the example inputs": inputs}
+    rows = inputs[0].shape[0]
+    second = (guards.resized(inputs, n) for n in (rows + 1, rows - 1, 2 * rows, 2 * rows + 1))
+    admitted = next((batch for batch in second if guards.admits(*batch)), None)
+    if admitted is not None:
+        batches[f"a second batch of {admitted[0].shape[0]} rows (the example's, cycled)"] = admitted
     was_training = model.training
     compiled.eval()
     try:
-        with torch.no_grad():
-            expected, got = model(*inputs), compiled(*inputs)
+        for what, batch in batches.items():
+            expected, got = _run(model, batch, what), _run(compiled, batch, what)
+            diff = max_abs_diff(expected, got)
+            if diff > VERIFY_TOLERANCE:
+                raise LoweringError(
+                    f"the chain of blocks differs from the model by {diff:.3g} (max abs) on {what}",
+                    node="output",
+                    remedy="the model may read global state or be non-deterministic in eval mode; "
+                    "report it to hbll-compile with the model definition",
+                )
     finally:
         compiled.train(was_training)
-    diff = max_abs_diff(expected, got)
-    if diff > VERIFY_TOLERANCE:
-        raise LoweringError(
-            f"the chain of blocks differs from the model by {diff:.3g} (max abs) on the example inputs",
-            node="output",
-            remedy="the model may read global state or be non-deterministic in eval mode; "
-            "report it to hbll-compile with the model definition",
-        )
+
+
+def _run(module: nn.Module, inputs: tuple[torch.Tensor, ...], what: str) -> Any:
+    """``module`` on copies of ``inputs`` with its buffers put back afterwards, so both runs see one state."""
+    with preserved_buffers(module), torch.no_grad():
+        try:
+            return module(*(x.clone() for x in inputs))
+        except CompileError:
+            raise
+        except Exception as err:  # noqa: BLE001 - reported as a failed verification, with the cause chained
+            raise LoweringError(
+                f"{type(module).__name__} fails on {what}: {type(err).__name__}: "
+                f"{first_line(err)}",
+                node="output",
+                remedy="the model's forward may depend on the batch size in a way torch.export did not record; "
+                "report it to hbll-compile with the model definition",
+            ) from err

@@ -4,6 +4,10 @@ Example:
     hbll inspect examples/cifar10_resnet.py:build_model --input-shape 4,3,32,32 --blocks 4 --png tree.png
     hbll inspect mymodel.py:build --input-shape 2,64 --dtype int64
     hbll export examples/models.py:resnet --input-shape 4,3,32,32 --blocks 4 --depth 1 -o resnet_d1.onnx
+
+Errors: a bad argument or a model hbll-compile refuses ends the command with exit status 2 and a
+one-line message on stderr (``hbll: CaptureError: at input 0: ...``, then the remedy line); the
+traceback is printed only with ``--debug``. Any other failure is a bug: exit status 1.
 """
 
 from __future__ import annotations
@@ -11,54 +15,116 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from torch import nn
 
+from hbll_compile._util import random_inputs
 from hbll_compile.api import hbll_compile
 from hbll_compile.errors import CompileError
 from hbll_compile.export import export_onnx
 from hbll_compile.model import HBLLModel
 
-__all__ = ["build_parser", "draw_tree", "example_inputs", "load_factory", "main"]
+__all__ = ["UsageError", "build_parser", "draw_tree", "example_inputs", "load_factory", "main"]
+
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
+                torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+"""The dtypes ``--dtype`` accepts: those :func:`example_inputs` can fill with random values."""
+DEBUG_HELP = "print the traceback of an error, not only its one-line message"
+
+
+class UsageError(Exception):
+    """A command-line argument argparse (or a check of ours) refused."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that raises :class:`UsageError` instead of printing usage and exiting, so
+    :func:`main` reports every bad argument as one line with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def load_factory(spec: str) -> Callable[[], nn.Module]:
-    """Resolve ``FILE.py:FACTORY`` to the callable ``FACTORY`` defined in ``FILE.py``."""
+    """Resolve ``FILE.py:FACTORY`` to the callable ``FACTORY`` defined in ``FILE.py``.
+
+    Raises :class:`CompileError` (``node`` is the spec) for a malformed spec, a missing file, a file
+    that fails to import, or a name that is not a callable in it.
+    """
     path, sep, name = spec.rpartition(":")
-    if not sep or not path.endswith(".py"):
-        raise SystemExit(f"error: expected FILE.py:FACTORY, got {spec!r}")
+    if not sep or not path.endswith(".py") or not name.isidentifier():
+        raise CompileError(f"expected FILE.py:FACTORY, got {spec!r}", node="FACTORY",
+                           remedy="name a Python file and a function in it, e.g. examples/models.py:resnet")
     file = Path(path)
     if not file.is_file():
-        raise SystemExit(f"error: no such file: {file}")
+        raise CompileError(f"no such file: {file}", node=spec, remedy="check the path to the .py file")
     module_spec = importlib.util.spec_from_file_location(file.stem, file)
-    assert module_spec is not None and module_spec.loader is not None
+    if module_spec is None or module_spec.loader is None:
+        raise CompileError(f"{file} cannot be imported as a Python module", node=spec,
+                           remedy="name a .py source file")
     module = importlib.util.module_from_spec(module_spec)
     sys.path.insert(0, str(file.parent.resolve()))
     try:
         module_spec.loader.exec_module(module)
+    except Exception as err:  # noqa: BLE001 - any failure of the user's file is reported against it
+        raise CompileError(f"importing {file} failed: {type(err).__name__}: {err}", node=spec,
+                           remedy="fix the error in that file (run with --debug for the traceback)") from err
     finally:
         sys.path.pop(0)
     factory = getattr(module, name, None)
     if not callable(factory):
-        raise SystemExit(f"error: {file} defines no callable {name!r}")
+        raise CompileError(f"{file} defines no callable {name!r}", node=spec,
+                           remedy=f"define `def {name}() -> nn.Module` in {file}, or name another function")
     return factory
 
 
-def example_inputs(shapes: Sequence[str], dtypes: Sequence[str]) -> tuple[torch.Tensor, ...]:
-    """Random inputs for ``--input-shape 4,1,28,28`` (repeatable, one per model input)."""
-    generator = torch.Generator().manual_seed(0)
-    inputs = []
-    for i, text in enumerate(shapes):
+def build_model(spec: str) -> nn.Module:
+    """Call the factory ``spec`` names (see :func:`load_factory`); its failure is a :class:`CompileError`."""
+    factory = load_factory(spec)
+    try:
+        return factory()
+    except Exception as err:  # noqa: BLE001 - the user's factory failing is reported against it
+        raise CompileError(f"{spec}() raised {type(err).__name__}: {err}", node=spec,
+                           remedy="fix the factory (run with --debug for the traceback)") from err
+
+
+def input_shape(text: str) -> tuple[int, ...]:
+    """Parse ``--input-shape``: comma-separated sizes, batch first (``4,1,28,28``).
+
+    >>> input_shape("4,1,28,28")
+    (4, 1, 28, 28)
+    >>> input_shape("4x8")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: expected comma-separated sizes like 4,1,28,28, got '4x8'
+    """
+    try:
         shape = tuple(int(s) for s in text.split(","))
-        dtype = getattr(torch, dtypes[i] if i < len(dtypes) else dtypes[-1])
-        if dtype.is_floating_point:
-            inputs.append(torch.randn(shape, generator=generator, dtype=dtype))
-        else:
-            inputs.append(torch.randint(0, 2, shape, generator=generator, dtype=dtype))
-    return tuple(inputs)
+    except ValueError:
+        shape = ()
+    if not shape or any(s < 0 for s in shape):
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 4,1,28,28, got {text!r}")
+    return shape
+
+
+def input_dtype(text: str) -> torch.dtype:
+    """Parse ``--dtype``: a torch dtype name from :data:`INPUT_DTYPES` (``float32``, ``int64``, ...)."""
+    dtype = getattr(torch, text, None) if text.isidentifier() else None
+    if dtype not in INPUT_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in INPUT_DTYPES)
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; choose one of {names}")
+    return dtype
+
+
+def example_inputs(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype]) -> tuple[torch.Tensor, ...]:
+    """Random inputs of ``shapes`` (repeatable, one per model input): normal samples for float and
+    complex dtypes, 0/1 for the others. ``dtypes[i]`` is input i's dtype; the last one repeats."""
+    specs = [(shape, str(dtypes[min(i, len(dtypes) - 1)]).removeprefix("torch.")) for i, shape in enumerate(shapes)]
+    return random_inputs(specs)
 
 
 def draw_tree(m: HBLLModel, path: str) -> None:
@@ -89,7 +155,7 @@ def draw_tree(m: HBLLModel, path: str) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    model = load_factory(args.factory)()
+    model = build_model(args.factory)
     m = hbll_compile(model, example_inputs(args.input_shape, args.dtype), blocks=args.blocks)
     print(m.describe())
     print(f"capture: {m.report.capture}; legal cuts: {m.report.legal_cuts} "
@@ -103,7 +169,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    model = load_factory(args.factory)()
+    model = build_model(args.factory)
     inputs = example_inputs(args.input_shape, args.dtype)
     m = hbll_compile(model, inputs, blocks=args.blocks)
     report = export_onnx(m, args.output, depth=args.depth, dynamic_batch=not args.static_batch,
@@ -123,16 +189,19 @@ def _compile_command(sub: argparse._SubParsersAction, name: str, help: str) -> a
     """A subcommand with the arguments every compiling command takes: factory, inputs, blocks."""
     command = sub.add_parser(name, help=help)
     command.add_argument("factory", help="FILE.py:FACTORY, a function returning the nn.Module")
-    command.add_argument("--input-shape", action="append", required=True,
-                         help="comma-separated example input shape; repeat for each model input")
-    command.add_argument("--dtype", action="append", default=None,
+    command.add_argument("--input-shape", action="append", required=True, type=input_shape,
+                         help="comma-separated example input shape, batch first (at least 2 rows); "
+                         "repeat for each model input")
+    command.add_argument("--dtype", action="append", default=None, type=input_dtype,
                          help="dtype of each input (default float32; int64 for token ids)")
     command.add_argument("--blocks", type=int, default=None, help="number of blocks N (default: automatic)")
+    command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hbll", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="hbll", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = _compile_command(sub, "inspect", "compile a model and print its blocks and tree")
     inspect.add_argument("--png", default=None, help="draw the tree to this PNG file (needs matplotlib)")
@@ -151,14 +220,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "dtype", None) is None:
-        args.dtype = ["float32"]
+    """Run the command; return its exit status: 0, 2 for a bad argument or a refused model (one line
+    on stderr, the traceback only with ``--debug``), 1 for an unexpected failure (a bug)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # known even when parsing fails
     try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "dtype", None) is None:
+            args.dtype = [torch.float32]
         return args.run(args)
-    except CompileError as err:
-        print(f"hbll: {type(err).__name__}: {err}", file=sys.stderr)
+    except UsageError as err:
+        print(f"hbll: error: {err}", file=sys.stderr)
         return 2
+    except CompileError as err:
+        _report(err, debug)
+        if err.remedy:
+            print(f"  remedy: {err.remedy.splitlines()[0]}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - a bug: one line, the traceback with --debug
+        _report(err, debug)
+        print("  this is a bug in hbll-compile: please report it with the output of --debug", file=sys.stderr)
+        return 1
+
+
+def _report(err: Exception, debug: bool) -> None:
+    if debug:
+        traceback.print_exception(err, file=sys.stderr)
+    text = str(err).strip() or type(err).__name__
+    print(f"hbll: {type(err).__name__}: {text.splitlines()[0]}", file=sys.stderr)
 
 
 if __name__ == "__main__":

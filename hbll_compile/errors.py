@@ -41,6 +41,11 @@ class CutError(CompileError):
     """The graph has no legal cut where one is needed, or fewer legal cuts than blocks requested."""
 
 
+class GuardError(CompileError):
+    """Inputs break a shape guard the model was captured under (``if x.shape[0] > 4:``, a fixed
+    feature size): the compiled blocks are not known to equal the model on them."""
+
+
 class LoweringError(CompileError):
     """The blocks could not be built, or they do not reproduce the model."""
 

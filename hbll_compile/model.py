@@ -28,6 +28,7 @@ from hbll_compile._util import device_of, first_line, lookup
 from hbll_compile.config import HBLLConfig
 from hbll_compile.errors import CompileError, TrainingError
 from hbll_compile.ir import BlockSpec, Boundary, CompileReport, CouplerPlan, Tail
+from hbll_compile.passes.guards import ShapeGuards
 from hbll_compile.passes.lower import bind_state
 from hbll_compile.runtime._batching import blocks_sharing_parameters
 from hbll_compile.runtime.executor import Executor, TaskHook
@@ -80,6 +81,8 @@ class HBLLModel(nn.Module):
         self.task_loss = loss
         self.config = config or HBLLConfig()
         self.report: CompileReport = parts.report
+        self.guards: ShapeGuards | None = parts.captured.guards
+        """The capture's shape conditions, checked on every call (None for a torch.fx capture)."""
         self._executor = Executor(parts.schedule, self)
         self._needs_isolation = _needs_isolation(self.blocks)
         self._plain_frozen = False
@@ -131,7 +134,10 @@ class HBLLModel(nn.Module):
 
     # -- inference -----------------------------------------------------------------------------
     def environment(self, *inputs: torch.Tensor) -> dict[str, Any]:
-        """Model inputs and context values by name: what blocks read besides their boundary."""
+        """Model inputs and context values by name: what blocks read besides their boundary.
+        Raises :class:`~hbll_compile.errors.GuardError` for inputs outside the capture's shape guards."""
+        if self.guards is not None:
+            self.guards.check(*inputs)
         env: dict[str, Any] = dict(zip(self.input_names, inputs))
         env.update(zip(self.context_names, self.context(*inputs)))
         return env

@@ -93,3 +93,17 @@ def test_attention_dropout_traced_in_train_mode_is_refused() -> None:
     with pytest.raises(hc.CaptureError, match="training=True") as info:
         hc.hbll_compile(AttentionDropout(), (torch.randn(3, 5, 8),), blocks=1)
     assert "attention" in info.value.remedy
+
+
+@pytest.mark.parametrize("examples", [None, {"x": torch.randn(3, 4)}, 3.0])
+def test_example_inputs_that_are_not_a_tensor_or_tuple_are_refused(examples: object) -> None:
+    with pytest.raises(hc.CaptureError, match="example_inputs is a") as info:
+        hc.hbll_compile(torch.nn.Linear(4, 4), examples, blocks=1)
+    assert info.value.node == "example_inputs"
+
+
+@pytest.mark.parametrize("argument, value", [("loss", "cross_entropy"), ("config", {"objective": "bp"})])
+def test_loss_and_config_of_the_wrong_type_are_refused(argument: str, value: object) -> None:
+    with pytest.raises(hc.CompileError) as info:
+        hc.hbll_compile(torch.nn.Linear(4, 4), (torch.randn(3, 4),), blocks=1, **{argument: value})
+    assert info.value.node == argument

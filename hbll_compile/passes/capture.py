@@ -20,9 +20,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import io
+import logging
 import os
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +36,12 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from hbll_compile._util import first_line
 from hbll_compile.errors import CaptureError
+from hbll_compile.passes.guards import ShapeGuards
+
+__all__ = ["MODE_DEPENDENT_MODULES", "Captured", "NodeInfo", "annotate", "capture", "preserved_buffers",
+           "quiet_torch_logs"]
 
 MODE_DEPENDENT_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -57,7 +66,6 @@ class NodeInfo:
     shape: tuple[int, ...] | None
     dtype: str | None
     flops: int
-    param_bytes: int
     is_tensor: bool
 
     @property
@@ -69,11 +77,13 @@ class NodeInfo:
 
 @dataclass
 class Captured:
-    """A captured model: ``gm`` holds the graph; its attributes share the model's tensors."""
+    """A captured model: ``gm`` holds the graph; its attributes share the model's tensors.
+    ``example_inputs`` are copies of the caller's; ``guards`` the shape conditions of the capture."""
 
     gm: fx.GraphModule
     method: str
     example_inputs: tuple[torch.Tensor, ...]
+    guards: ShapeGuards
 
 
 def example_batch(inputs: Sequence[torch.Tensor]) -> int:
@@ -84,34 +94,87 @@ def example_batch(inputs: Sequence[torch.Tensor]) -> int:
 def capture(model: nn.Module, example_inputs: Sequence[Any]) -> Captured:
     """Capture ``model`` on ``example_inputs`` and annotate every node (see :class:`NodeInfo`).
 
+    Rules for the example inputs (each refusal is a :class:`CaptureError` with a remedy):
+
+    - a tensor or a tuple/list of tensors, one per forward argument; they are copied, never mutated;
+    - dim 0 of the first input is the batch dimension: it must exist (rank >= 1) and hold at least
+      2 rows, so torch.export keeps it dynamic (a batch of 1 would be fixed to 1);
+    - the model must run on them eagerly; a failure (wrong shape or dtype) names the input shapes
+      and the module and source line that failed;
+    - the model must leave that batch dimension free: an unbatched example (a single sample of
+      shape (features,) for a first ``nn.Linear``) or a forward that fixes the batch size
+      (``x.view(4, -1)``) is refused, since couplers and the task loss read dim 0 as the batch.
+
     Raises :class:`CaptureError` naming the source line, the reason and a remedy when both
     ``torch.export`` and ``torch.fx`` fail.
     """
     inputs = _check_inputs(example_inputs)
+    _run_example(model, inputs)
     was_training = model.training
     model.train()
     try:
         try:
-            gm, method = _export(model, inputs), "export"
+            gm, guards, method = *_export(model, inputs), "export"
         except Exception as export_error:  # noqa: BLE001 - any failure falls back to torch.fx
             try:
-                gm, method = _symbolic_trace(model), "fx"
+                gm, method = fx.symbolic_trace(model), "fx"
             except Exception:  # noqa: BLE001 - the export error explains more; report it
                 raise _capture_error(export_error) from export_error
+            guards = ShapeGuards.unguarded(gm, inputs)
+        _refuse_fixed_batch(guards, inputs)
         _check_outputs(gm)
         _refuse_baked_training_flags(gm)
         _follow_input_device(gm)
         annotate(gm, inputs)
     finally:
         model.train(was_training)
-    return Captured(gm=gm, method=method, example_inputs=inputs)
+    return Captured(gm=gm, method=method, example_inputs=inputs, guards=guards)
 
 
-def _check_inputs(example_inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+@contextlib.contextmanager
+def quiet_torch_logs() -> Iterator[None]:
+    """Silence torch's logging while compiling: a failed trace logs dozens of FakeTensor traceback
+    lines, while the caller gets the failure as one :class:`CaptureError`. Levels are restored on exit."""
+    loggers = [logging.getLogger(name) for name in ["torch", *logging.root.manager.loggerDict]
+               if name == "torch" or name.startswith("torch.")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Put every buffer of ``model`` back to its value on entry, in place, on exit: compiling runs
+    forward several times and must not move the caller's state (a step counter, running statistics)."""
+    saved = [(module, name, buffer.detach().clone())
+             for module in model.modules() for name, buffer in module.named_buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, value in saved:
+                current = getattr(module, name, None)
+                if isinstance(current, torch.Tensor) and current.shape == value.shape and current.dtype == value.dtype:
+                    current.copy_(value)  # in place: the compiled blocks are bound to this very tensor
+                else:
+                    setattr(module, name, value)
+
+
+def _check_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    inputs = tuple(example_inputs)
-    for i, x in enumerate(inputs):
+    if not isinstance(example_inputs, (tuple, list)):
+        raise CaptureError(f"example_inputs is a {type(example_inputs).__name__}", node="example_inputs",
+                           remedy="pass a tensor or a tuple of tensors, one example batch per forward argument")
+    if not example_inputs:
+        raise CaptureError("example_inputs is empty", node="example_inputs",
+                           remedy="pass a tuple with one example batch per input")
+    for i, x in enumerate(example_inputs):
         if not isinstance(x, torch.Tensor):
             raise CaptureError(
                 f"example input {i} is a {type(x).__name__}, not a tensor",
@@ -119,27 +182,92 @@ def _check_inputs(example_inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
                 remedy="pass only tensors in example_inputs; bind other arguments with functools.partial "
                 "or a small wrapper module",
             )
-    if not inputs:
-        raise CaptureError("example_inputs is empty", remedy="pass a tuple with one example batch per input")
-    return inputs
+    first = example_inputs[0]
+    if first.dim() == 0 or first.shape[0] < 2:
+        what = "a 0-d tensor, with no batch dimension" if first.dim() == 0 else f"a batch of {first.shape[0]} rows"
+        raise CaptureError(
+            f"example input 0 (shape {tuple(first.shape)}) is {what}",
+            node="input 0",
+            remedy="pass an example batch of at least 2 rows (dim 0 is the batch dimension) so the batch "
+            "dimension stays dynamic, e.g. torch.randn(4, *sample_shape)",
+        )
+    # copies: a forward that writes into its input must not write into the caller's tensor
+    return tuple(x.detach().clone() for x in example_inputs)
 
 
-def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+def _run_example(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Run ``model`` once eagerly (eval mode, no gradients): an example it cannot run is the example's
+    fault, reported as such and before torch.export buries it in fake-tensor tracebacks."""
+    names = {module: name for name, module in model.named_modules()}
+    stack: list[nn.Module] = []  # modules entered and not yet left: on failure, the failing one is last
+
+    def enter(module: nn.Module, args: Any) -> None:
+        stack.append(module)
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        stack.pop()
+
+    hooks = [h for module in names for h in (module.register_forward_pre_hook(enter),
+                                             module.register_forward_hook(leave))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*(x.clone() for x in inputs))
+    except Exception as err:  # noqa: BLE001 - any failure here is reported against the example
+        module = stack[-1] if stack else model
+        where = f"module {names[module]!r} ({type(module).__name__})" if names[module] else type(model).__name__
+        frame = _user_frame(err)
+        raise CaptureError(
+            f"the model fails on its example inputs ({_describe_inputs(model, inputs)}): "
+            f"{type(err).__name__}: {first_line(err)}",
+            node=f"{where} at {frame}" if frame else where,
+            remedy="pass example inputs shaped and typed like one real batch, as forward expects "
+            "(e.g. float features of the first nn.Linear's in_features, int64 ids for nn.Embedding)",
+        ) from err
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+
+def _describe_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> str:
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+        names = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        names = []
+    names += [f"input {i}" for i in range(len(names), len(inputs))]
+    return ", ".join(f"{name}: {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+                     for name, x in zip(names, inputs))
+
+
+def _refuse_fixed_batch(guards: ShapeGuards, inputs: tuple[torch.Tensor, ...]) -> None:
+    if not guards.batched[0]:
+        raise CaptureError(
+            f"the model fixes dim 0 of input {guards.input_names[0]} to {inputs[0].shape[0]}, so it is not a batch "
+            f"dimension: either the example (shape {tuple(inputs[0].shape)}) is a single unbatched sample, or "
+            "forward depends on the exact batch size",
+            node=f"input {guards.input_names[0]}",
+            remedy="pass an example batch with a leading batch dimension of at least 2 rows; in forward, "
+            "derive sizes from the input (x.reshape(x.shape[0], -1), x.flatten(1)) instead of constants",
+        )
+
+
+def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[fx.GraphModule, ShapeGuards]:
     batch = torch.export.Dim.AUTO
     dynamic = tuple({0: batch} if x.dim() > 0 and x.shape[0] > 1 else None for x in inputs)
-    program = torch.export.export(model, inputs, strict=False, dynamic_shapes=dynamic)
+    with contextlib.redirect_stderr(io.StringIO()):  # a failed trace prints its partial graph there
+        program = torch.export.export(model, inputs, strict=False, dynamic_shapes=dynamic)
     gm = program.module()
+    guards = ShapeGuards.from_program(program, gm)  # checked by the compiled model on every call instead
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)
     _relift_mode_dependent_modules(gm, model)
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _is_inplace(n))
     gm.recompile()
-    return gm
-
-
-def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
-    return fx.symbolic_trace(model)
+    return gm, guards
 
 
 def _is_inplace(node: fx.Node) -> bool:
@@ -297,7 +425,7 @@ def _describe_output(values: Any) -> str:
 
 
 def _capture_error(error: Exception) -> CaptureError:
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    message = first_line(error)
     where = _user_frame(error)
     data_dependent = any(
         s in type(error).__name__ + str(error)
@@ -336,15 +464,24 @@ class _Annotator(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, fake_mode: FakeTensorMode) -> None:
         super().__init__(gm)
         self.fake_mode = fake_mode
+        self.extra_traceback = False  # run_node names the failing node in a CaptureError already
 
     def run_node(self, n: fx.Node) -> Any:
-        with FlopCounterMode(display=False) as counter:
-            result = super().run_node(n)
+        try:
+            with FlopCounterMode(display=False) as counter:
+                result = super().run_node(n)
+        except Exception as err:  # noqa: BLE001 - any op fake tensors cannot run is reported at its node
+            raise CaptureError(
+                f"the shape of {n.name} does not follow from the input shapes: {type(err).__name__}: "
+                f"{first_line(err)}",
+                node=_where(n),
+                remedy="blocks need shapes fixed by the input shapes; replace data-dependent shapes (boolean "
+                "mask indexing, nonzero, unique) by fixed-shape ops such as torch.where",
+            ) from err
         n.meta["hbll"] = NodeInfo(
             shape=tuple(result.shape) if isinstance(result, torch.Tensor) else None,
             dtype=str(result.dtype).removeprefix("torch.") if isinstance(result, torch.Tensor) else None,
             flops=int(counter.get_total_flops()),
-            param_bytes=self._param_bytes(n),
             is_tensor=isinstance(result, torch.Tensor),
         )
         return result
@@ -358,17 +495,6 @@ class _Annotator(fx.Interpreter):
         named = [*module.named_parameters(), *module.named_buffers()]
         state = {k: self.fake_mode.from_tensor(v) for k, v in named}
         return torch.func.functional_call(module, state, args, kwargs)
-
-    def _param_bytes(self, n: fx.Node) -> int:
-        if n.op == "call_module":
-            return sum(p.numel() * p.element_size() for p in self.fetch_attr(n.target).parameters())
-        total = 0
-        for a in n.all_input_nodes:
-            if a.op == "get_attr":
-                value = self.fetch_attr(a.target)
-                if isinstance(value, nn.Parameter):
-                    total += value.numel() * value.element_size()
-        return total
 
 
 def annotate(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> None:
