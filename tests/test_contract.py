@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import ZOO
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from models import ZOO
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 

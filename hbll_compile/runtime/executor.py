@@ -167,16 +167,17 @@ class Executor:
         is put back as it was before the step and the wavefront ring forgets this batch.
         """
         saved = {p: p.grad.clone() for p in self._parameters() if p.grad is not None}
-        dropped = self.ring[-1] if self.wavefront and len(self.ring) == self.ring.maxlen else None
+        newest = self.ring[0] if self.ring else None
+        dropped = self.ring[-1] if len(self.ring) == self.ring.maxlen else None
         self._written = []
         try:
             loss = self._run(inputs, target)
         except BaseException:
             for p in self._parameters():
                 p.grad = saved.get(p)
-            if self.wavefront:
-                for entry, key in self._written:
-                    entry.h.pop(key, None)
+            for entry, key in self._written:
+                entry.h.pop(key, None)
+            if self.ring and self.ring[0] is not newest:  # this step's batch entered the ring
                 self.ring.popleft()
                 if dropped is not None:
                     self.ring.append(dropped)
