@@ -9,6 +9,7 @@ Examples (the commands behind BENCHMARKS.md):
     python benchmarks/accuracy.py --suite resmlp --blocks 4 8 16 --seeds 0 1 2 --epochs 5
     python benchmarks/accuracy.py --suite cnn --blocks 4 8 --seeds 0 1 2 --epochs 5
     python benchmarks/accuracy.py --suite chargpt --blocks 4 --objectives bp hbll --seeds 0 --steps 600
+    python benchmarks/accuracy.py --suite resmlp_ln --blocks 16 --objectives bp hbll --seeds 0 1 2 --epochs 5
     python benchmarks/accuracy.py --suite resmlp --summarise benchmarks/results/accuracy_resmlp.jsonl
 """
 
@@ -50,6 +51,33 @@ class MnistCNN(nn.Module):
         return self.fc(self.features(x).mean(dim=(2, 3)))
 
 
+class PreHeadNormBlock(nn.Module):
+    """``x + fc2(gelu(fc1(x)))`` with a 2x hidden layer and no inner normalisation."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class ResMLPLN(nn.Module):
+    """Issue 12's network: a stem, residual blocks without inner norms, then a LayerNorm before the linear
+    head (so the last legal cut falls between the LayerNorm and the head)."""
+
+    def __init__(self, width: int = 256, depth: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Linear(784, width)
+        self.blocks = nn.Sequential(*[PreHeadNormBlock(width) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.blocks(self.stem(x.flatten(1)))))
+
+
 def _exact_spans(model: Any, node: int, h: torch.Tensor, env: dict) -> torch.Tensor:
     """Diagnostic stand-in for a coupler: the exact chain of the blocks it spans (O(N) depth)."""
     a, b = model.tree.nodes[node].span
@@ -64,12 +92,14 @@ def _mnist_run(suite: str, objective: str, n: int, seed: int, epochs: int, confi
     from hbll_compile.data import load_mnist8k, make_loaders
     from hbll_compile.runtime.trainer import evaluate
 
-    train, test = load_mnist8k(flatten=suite == "resmlp")
+    train, test = load_mnist8k(flatten=suite in ("resmlp", "resmlp_ln"))
     torch.manual_seed(seed)
     if suite == "resmlp":
         from mnist_resmlp import build_model
 
         net = build_model(width=256, depth=depth)
+    elif suite == "resmlp_ln":
+        net = ResMLPLN(width=256, depth=depth)
     else:
         net = MnistCNN()
     m = hc.hbll_compile(net, (train.tensors[0][:2],), blocks=n, loss=F.cross_entropy,
@@ -78,10 +108,10 @@ def _mnist_run(suite: str, objective: str, n: int, seed: int, epochs: int, confi
         m.run_coupler = lambda node, h, env: _exact_spans(m, node, h, env)
     train_loader, test_loader = make_loaders(train, test, batch_size=128, seed=seed)
     start = time.perf_counter()
-    m.fit(train_loader, epochs, torch.optim.AdamW(m.parameters(), lr=1e-3), progress=False)
+    history = m.fit(train_loader, epochs, torch.optim.AdamW(m.parameters(), lr=1e-3), test_loader, progress=False)
     seconds = time.perf_counter() - start
     row = {"accuracy": evaluate(m, test_loader)["accuracy"], "train_seconds": seconds,
-           "critical_path": m.schedule.critical_path()}
+           "critical_path": m.schedule.critical_path(), "epoch_accuracy": history["eval_accuracy"]}
     if objective == "hbll":
         row["depth_report"] = m.depth_report(test_loader)
     return row
@@ -151,7 +181,7 @@ def summarise(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=("resmlp", "cnn", "chargpt"), required=True)
+    p.add_argument("--suite", choices=("resmlp", "resmlp_ln", "cnn", "chargpt"), required=True)
     p.add_argument("--blocks", type=int, nargs="+", default=[8])
     p.add_argument("--objectives", nargs="+", default=["bp", "dgl", "hbll"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

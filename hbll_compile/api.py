@@ -47,7 +47,8 @@ def hbll_compile(
         model: any ``nn.Module`` whose forward returns one tensor. Its parameters are shared, not copied.
         example_inputs: one example batch per forward argument (use a batch of at least 2, so the
             batch dimension stays dynamic).
-        blocks: N, or ``None`` for the largest power of two not above min(8, legal maximum).
+        blocks: N, or ``None`` for the rule of :func:`~hbll_compile.passes.partition.auto_blocks` (a power
+            of two up to 8 that leaves no block below half its share of the FLOPs).
         loss: the task loss ``loss(output, target)``, used by training.
         config: :class:`HBLLConfig`.
 
@@ -60,7 +61,7 @@ def hbll_compile(
                            remedy="pass the model object itself")
     captured = capture(model, example_inputs)
     view = build_graph(captured.gm)
-    partition = choose_cuts(view.costs, view.legal_cuts, blocks)
+    partition = choose_cuts(view.costs, view.block_cuts, blocks, view.owns_params)
     config = config or HBLLConfig()
     lowered = lower(captured, view, partition, model, output_tail=config.output_tail)
     tree = build_tree(partition.block_costs)
@@ -71,7 +72,7 @@ def hbll_compile(
     report = {
         "capture": captured.method,
         "legal_cuts": len(view.legal_cuts),
-        "max_blocks": len(view.legal_cuts) + 1,
+        "max_blocks": partition.max_blocks,
         "block_costs": partition.block_costs,
         "context": list(lowered.context_names),
         "example_batch": example_batch,
