@@ -87,7 +87,7 @@ def _exact_spans(model: Any, node: int, h: torch.Tensor, env: dict) -> torch.Ten
 
 
 def _mnist_run(suite: str, objective: str, n: int, seed: int, epochs: int, config: dict,
-               depth: int = 16, oracle: bool = False) -> dict[str, Any]:
+               depth: int = 16, oracle: bool = False, width: int = 256) -> dict[str, Any]:
     import hbll_compile as hc
     from hbll_compile.data import load_mnist8k, make_loaders
     from hbll_compile.runtime.trainer import evaluate
@@ -99,7 +99,7 @@ def _mnist_run(suite: str, objective: str, n: int, seed: int, epochs: int, confi
 
         net = build_model(width=256, depth=depth)
     elif suite == "resmlp_ln":
-        net = ResMLPLN(width=256, depth=depth)
+        net = ResMLPLN(width=width, depth=depth)
     else:
         net = MnistCNN()
     m = hc.hbll_compile(net, (train.tensors[0][:2],), blocks=n, loss=F.cross_entropy,
@@ -134,12 +134,13 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         result = _chargpt_run(job["objective"], job["blocks"], job["seed"], job["steps"], job["config"])
     else:
         result = _mnist_run(job["suite"], job["objective"], job["blocks"], job["seed"], job["epochs"], job["config"],
-                            job["depth"], job["oracle"])
+                            job["depth"], job["oracle"], job.get("width", 256))
     return {**job, **result}
 
 
 def _label(row: dict[str, Any]) -> str:
     label = row["objective"] + (" (oracle couplers)" if row.get("oracle") else "")
+    label += f", width {row['width']}" if row.get("width", 256) != 256 else ""
     return label + (f", depth {row['depth']}" if row["suite"] == "resmlp" and row.get("depth", 16) != 16 else "")
 
 
@@ -166,8 +167,8 @@ def summarise(rows: list[dict[str, Any]]) -> str:
                   "| --- | --- | --- |" + " --- |" * width]
         by_n: dict[tuple, list[dict]] = {}
         for r in depth_rows:
-            by_n.setdefault((r["suite"], r["blocks"], json.dumps(r["config"])), []).append(r)
-        for (suite, n, config), rs in sorted(by_n.items()):
+            by_n.setdefault((r["suite"], r["blocks"], r.get("width", 256), json.dumps(r["config"])), []).append(r)
+        for (suite, n, net_width, config), rs in sorted(by_n.items()):
             cells = []
             for d in range(width):
                 if d < len(rs[0]["depth_report"]):
@@ -175,7 +176,8 @@ def summarise(rows: list[dict[str, Any]]) -> str:
                     cells.append(f"{acc:.1f}% ({rs[0]['depth_report'][d]['flops'] / 1e6:.2f})")
                 else:
                     cells.append("")
-            lines.append(f"| {suite} | {n} | {config if config != '{}' else '-'} | " + " | ".join(cells) + " |")
+            config = (config if config != "{}" else "-") + (f", width {net_width}" if net_width != 256 else "")
+            lines.append(f"| {suite} | {n} | {config} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", type=json.loads, default={},
                    help='extra HBLLConfig fields as JSON, e.g. {"inputs": "tree"}')
     p.add_argument("--depth", type=int, default=16, help="residual blocks of the resmlp network")
+    p.add_argument("--width", type=int, default=256, help="width of the resmlp_ln network")
     p.add_argument("--oracle-couplers", action="store_true",
                    help="diagnostic: replace every coupler by the exact blocks it spans (O(N) depth)")
     p.add_argument("--jobs", type=int, default=2, help="parallel runs (one thread each)")
@@ -201,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     jobs = [{"suite": args.suite, "objective": o, "blocks": n, "seed": s, "epochs": args.epochs,
              "steps": args.steps, "config": args.config if o == "hbll" else {}, "depth": args.depth,
+             "width": args.width,
              "oracle": args.oracle_couplers and o == "hbll"}
             for n in args.blocks for o in args.objectives for s in args.seeds]
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"accuracy_{args.suite}.jsonl")

@@ -121,7 +121,7 @@ def test_output_tail_holds_the_norm_before_the_head(norm: str, n: int) -> None:
 
 def test_head_tail_keeps_the_last_legal_cut() -> None:
     """``output_tail="head"`` is the previous rule (the last legal cut, here after the norm); issue 12
-    measured it at 38% on MNIST where backprop reached 93%."""
+    measured it at 59.0% on MNIST where the LayerNorm inside the tail reached 88.5%."""
     net = NormBeforeHead(nn.LayerNorm(16))
     tail = hc.hbll_compile(net, (torch.randn(4, 12),), blocks=2, config=hc.HBLLConfig(output_tail="head")).tail_info
     assert tail.spec.param_count == sum(p.numel() for p in net.head.parameters())
