@@ -48,7 +48,7 @@ def hbll_compile(
         example_inputs: one example batch per forward argument (use a batch of at least 2, so the
             batch dimension stays dynamic).
         blocks: N, or ``None`` for the rule of :func:`~hbll_compile.passes.partition.auto_blocks` (a power
-            of two up to 8 that leaves no block below half its share of the FLOPs).
+            of two up to 8 that leaves no block below a quarter of its share of the FLOPs).
         loss: the task loss ``loss(output, target)``, used by training.
         config: :class:`HBLLConfig`.
 
