@@ -9,6 +9,7 @@ Examples (the commands behind BENCHMARKS.md):
     python benchmarks/accuracy.py --suite resmlp --blocks 4 8 16 --seeds 0 1 2 --epochs 5
     python benchmarks/accuracy.py --suite cnn --blocks 4 8 --seeds 0 1 2 --epochs 5
     python benchmarks/accuracy.py --suite chargpt --blocks 4 --objectives bp hbll --seeds 0 --steps 600
+    python benchmarks/accuracy.py --suite resmlp_ln --blocks 16 --objectives bp hbll --seeds 0 1 2 --epochs 5
     python benchmarks/accuracy.py --suite resmlp --summarise benchmarks/results/accuracy_resmlp.jsonl
 """
 
@@ -50,6 +51,33 @@ class MnistCNN(nn.Module):
         return self.fc(self.features(x).mean(dim=(2, 3)))
 
 
+class PreHeadNormBlock(nn.Module):
+    """``x + fc2(gelu(fc1(x)))`` with a 2x hidden layer and no inner normalisation."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class ResMLPLN(nn.Module):
+    """Issue 12's network: a stem, residual blocks without inner norms, then a LayerNorm before the linear
+    head (so the last legal cut falls between the LayerNorm and the head)."""
+
+    def __init__(self, width: int = 256, depth: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Linear(784, width)
+        self.blocks = nn.Sequential(*[PreHeadNormBlock(width) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.blocks(self.stem(x.flatten(1)))))
+
+
 def _exact_spans(model: Any, node: int, h: torch.Tensor, env: dict) -> torch.Tensor:
     """Diagnostic stand-in for a coupler: the exact chain of the blocks it spans (O(N) depth)."""
     a, b = model.tree.nodes[node].span
@@ -59,17 +87,19 @@ def _exact_spans(model: Any, node: int, h: torch.Tensor, env: dict) -> torch.Ten
 
 
 def _mnist_run(suite: str, objective: str, n: int, seed: int, epochs: int, config: dict,
-               depth: int = 16, oracle: bool = False) -> dict[str, Any]:
+               depth: int = 16, oracle: bool = False, width: int = 256) -> dict[str, Any]:
     import hbll_compile as hc
     from hbll_compile.data import load_mnist8k, make_loaders
     from hbll_compile.runtime.trainer import evaluate
 
-    train, test = load_mnist8k(flatten=suite == "resmlp")
+    train, test = load_mnist8k(flatten=suite in ("resmlp", "resmlp_ln"))
     torch.manual_seed(seed)
     if suite == "resmlp":
         from mnist_resmlp import build_model
 
         net = build_model(width=256, depth=depth)
+    elif suite == "resmlp_ln":
+        net = ResMLPLN(width=width, depth=depth)
     else:
         net = MnistCNN()
     m = hc.hbll_compile(net, (train.tensors[0][:2],), blocks=n, loss=F.cross_entropy,
@@ -78,10 +108,10 @@ def _mnist_run(suite: str, objective: str, n: int, seed: int, epochs: int, confi
         m.run_coupler = lambda node, h, env: _exact_spans(m, node, h, env)
     train_loader, test_loader = make_loaders(train, test, batch_size=128, seed=seed)
     start = time.perf_counter()
-    m.fit(train_loader, epochs, torch.optim.AdamW(m.parameters(), lr=1e-3), progress=False)
+    history = m.fit(train_loader, epochs, torch.optim.AdamW(m.parameters(), lr=1e-3), test_loader, progress=False)
     seconds = time.perf_counter() - start
     row = {"accuracy": evaluate(m, test_loader)["accuracy"], "train_seconds": seconds,
-           "critical_path": m.schedule.critical_path()}
+           "critical_path": m.schedule.critical_path(), "epoch_accuracy": history["eval_accuracy"]}
     if objective == "hbll":
         row["depth_report"] = m.depth_report(test_loader)
     return row
@@ -104,12 +134,13 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         result = _chargpt_run(job["objective"], job["blocks"], job["seed"], job["steps"], job["config"])
     else:
         result = _mnist_run(job["suite"], job["objective"], job["blocks"], job["seed"], job["epochs"], job["config"],
-                            job["depth"], job["oracle"])
+                            job["depth"], job["oracle"], job.get("width", 256))
     return {**job, **result}
 
 
 def _label(row: dict[str, Any]) -> str:
     label = row["objective"] + (" (oracle couplers)" if row.get("oracle") else "")
+    label += f", width {row['width']}" if row.get("width", 256) != 256 else ""
     return label + (f", depth {row['depth']}" if row["suite"] == "resmlp" and row.get("depth", 16) != 16 else "")
 
 
@@ -136,8 +167,8 @@ def summarise(rows: list[dict[str, Any]]) -> str:
                   "| --- | --- | --- |" + " --- |" * width]
         by_n: dict[tuple, list[dict]] = {}
         for r in depth_rows:
-            by_n.setdefault((r["suite"], r["blocks"], json.dumps(r["config"])), []).append(r)
-        for (suite, n, config), rs in sorted(by_n.items()):
+            by_n.setdefault((r["suite"], r["blocks"], r.get("width", 256), json.dumps(r["config"])), []).append(r)
+        for (suite, n, net_width, config), rs in sorted(by_n.items()):
             cells = []
             for d in range(width):
                 if d < len(rs[0]["depth_report"]):
@@ -145,13 +176,14 @@ def summarise(rows: list[dict[str, Any]]) -> str:
                     cells.append(f"{acc:.1f}% ({rs[0]['depth_report'][d]['flops'] / 1e6:.2f})")
                 else:
                     cells.append("")
-            lines.append(f"| {suite} | {n} | {config if config != '{}' else '-'} | " + " | ".join(cells) + " |")
+            config = (config if config != "{}" else "-") + (f", width {net_width}" if net_width != 256 else "")
+            lines.append(f"| {suite} | {n} | {config} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=("resmlp", "cnn", "chargpt"), required=True)
+    p.add_argument("--suite", choices=("resmlp", "resmlp_ln", "cnn", "chargpt"), required=True)
     p.add_argument("--blocks", type=int, nargs="+", default=[8])
     p.add_argument("--objectives", nargs="+", default=["bp", "dgl", "hbll"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -160,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", type=json.loads, default={},
                    help='extra HBLLConfig fields as JSON, e.g. {"inputs": "tree"}')
     p.add_argument("--depth", type=int, default=16, help="residual blocks of the resmlp network")
+    p.add_argument("--width", type=int, default=256, help="width of the resmlp_ln network")
     p.add_argument("--oracle-couplers", action="store_true",
                    help="diagnostic: replace every coupler by the exact blocks it spans (O(N) depth)")
     p.add_argument("--jobs", type=int, default=2, help="parallel runs (one thread each)")
@@ -171,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     jobs = [{"suite": args.suite, "objective": o, "blocks": n, "seed": s, "epochs": args.epochs,
              "steps": args.steps, "config": args.config if o == "hbll" else {}, "depth": args.depth,
+             "width": args.width,
              "oracle": args.oracle_couplers and o == "hbll"}
             for n in args.blocks for o in args.objectives for s in args.seeds]
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"accuracy_{args.suite}.jsonl")

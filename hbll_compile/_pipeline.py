@@ -59,7 +59,7 @@ def run_passes(
     with quiet_torch_logs(), preserved_buffers(model):
         captured = capture(model, example_inputs)
         view = build_graph(captured.gm)
-        partition = choose_cuts(view.costs, view.legal_cuts, blocks)
+        partition = choose_cuts(view.costs, view.block_cuts, blocks, view.owns_params)
         lowered = lower(captured, view, partition, model, output_tail=config.output_tail)
     tree = build_tree(partition.block_costs)
     couplers, plans = build_couplers(tree, lowered.boundaries, lowered.specs, lowered.tail_info, config)
@@ -67,7 +67,7 @@ def run_passes(
     report = CompileReport(
         capture=captured.method,
         legal_cuts=len(view.legal_cuts),
-        max_blocks=len(view.legal_cuts) + 1,
+        max_blocks=partition.max_blocks,
         block_costs=tuple(partition.block_costs),
         context=tuple(lowered.context_names),
         example_batch=example_batch(captured.example_inputs),

@@ -46,8 +46,9 @@ def hbll_compile(
         example_inputs: one example batch per forward argument: dim 0 of the first is the batch
             dimension and needs at least 2 rows, so it stays dynamic (see
             :func:`~hbll_compile.passes.capture.capture` for the full rule).
-        blocks: N (an int >= 1; not a bool or float), or ``None`` for the largest power of two not
-            above min(8, legal maximum).
+        blocks: N (an int >= 1; not a bool or float), or ``None`` for the rule of
+            :func:`~hbll_compile.passes.partition.auto_blocks` (a power of two up to 8 that leaves no
+            block below a quarter of its share of the FLOPs).
         loss: the task loss ``loss(output, target)``, used by training.
         config: :class:`HBLLConfig`.
 

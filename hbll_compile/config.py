@@ -51,12 +51,18 @@ class HBLLConfig:
             keep up with the blocks they stand for. Measured on MNIST (BENCHMARKS.md), 4 closed most
             of the gap to BP left at gain 1, and did better than 8.
         output_tail: what a coupler whose span ends at the model output runs exactly after its
-            learned part: ``"head"``, block N from its last legal cut on (usually the final linear
-            layer), or ``"block"``, all of block N. ``"head"`` keeps a step under 2x BP's FLOPs on
-            networks whose last block holds real layers; ``"block"`` keeps those layers exact in
-            every path. ``"auto"`` picks ``"block"`` when the value at that cut is a sequence (T, D),
-            where couplers are per-token maps that cannot model attention (measured on the char-GPT:
-            perplexity 7.22 with ``"block"``, 9.11 with ``"head"``), and ``"head"`` otherwise.
+            learned part. ``"auto"`` (default): the model's head from the head cut on (see
+            :mod:`~hbll_compile.passes.graph`): usually the final linear layer, together with any
+            normalisation it reads (a final LayerNorm, BatchNorm or hand-written RMSNorm, and the
+            ReLU or pooling after it), which couplers cannot stand in for (measured on MNIST, issue
+            12, N=16: a residual MLP with a LayerNorm before its head reached 59.0% with the tail
+            after the LayerNorm, 88.5% with it inside, 92.7% for backprop); and all of block N when
+            the value entering the head is a sequence (T, D), where couplers are per-token maps that
+            cannot model attention (char-GPT: perplexity 7.22 with the whole block, 9.11 with the
+            head alone). ``"head"``: block N from
+            its last legal cut on, even after a normalisation (the rule before issue 12). ``"block"``:
+            all of block N. The head keeps a step under 2x BP's FLOPs on networks whose last block
+            holds real layers.
         local_head_weight: weight λ of the local-head losses (0 disables heads under ``"hbll"``).
         consistency_weight: weight of each coupler's consistency term ``‖C_v(h_a) − sg(h_b)‖²``.
         coupler_path_weight: weight of the task loss through a coupler's own path. DESIGN §2 adds it

@@ -38,7 +38,16 @@ class CaptureError(CompileError):
 
 
 class CutError(CompileError):
-    """The graph has no legal cut where one is needed, or fewer legal cuts than blocks requested."""
+    """The graph has no legal cut where one is needed, or fewer legal cuts than blocks requested.
+
+    ``max_blocks`` is the most blocks the model can be cut into, when that is what was exceeded.
+    """
+
+    def __init__(
+        self, reason: str, *, node: str | None = None, remedy: str | None = None, max_blocks: int | None = None
+    ) -> None:
+        super().__init__(reason, node=node, remedy=remedy)
+        self.max_blocks = max_blocks
 
 
 class GuardError(CompileError):

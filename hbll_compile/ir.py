@@ -52,8 +52,9 @@ class BlockSpec:
 
 @dataclass(frozen=True)
 class Tail:
-    """The model's output tail: the part of block N after its last legal cut, or all of block N when
-    it has none. Couplers whose span ends at the output write ``input`` and then run the tail.
+    """The model's output tail: the end of block N from the cut ``passes.lower.tail_cut`` chooses (with
+    ``output_tail="auto"``, the last legal cut before any normalisation the head reads), or all of
+    block N. Couplers whose span ends at the output write ``input`` and then run the tail.
 
     ``input.index`` is N-1 when the tail is all of block N (its input is boundary N-1), else N (a cut
     inside block N); ``spec`` describes the tail's nodes, FLOPs and context reads like a block's.

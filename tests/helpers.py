@@ -265,7 +265,7 @@ class Case:
 ZOO: dict[str, Case] = {c.name: c for c in [
     Case("mlp", MLP, lambda b: (torch.randn(b, 20),), (2, 4, 7)),
     Case("resmlp", ResMLP, lambda b: (torch.randn(b, 20),), (2, 4, 8)),
-    Case("cnn_bn", CNNBN, lambda b: (torch.randn(b, 1, 16, 16),), (2, 4, 6)),
+    Case("cnn_bn", CNNBN, lambda b: (torch.randn(b, 1, 16, 16),), (2, 4)),
     Case("resnet", ResNet, lambda b: (torch.randn(b, 3, 16, 16),), (2, 4, 8)),
     Case("gpt", GPT, lambda b: (torch.randint(0, 50, (b, 16)),), (2, 4, 8)),
     Case("inception", Inception, lambda b: (torch.randn(b, 3, 12, 12),), (2, 4)),

@@ -5,16 +5,18 @@ from __future__ import annotations
 import itertools
 import math
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import hbll_compile as hc
+from hbll_compile.errors import CutError
 from hbll_compile.passes.capture import capture
 from hbll_compile.passes.graph import build_graph
 from hbll_compile.passes.hierarchy import build_tree
-from hbll_compile.passes.partition import choose_cuts
+from hbll_compile.passes.partition import choose_cuts, max_blocks
 
 LAYER = st.one_of(
     st.tuples(st.just("linear"), st.integers(3, 12)),
@@ -80,7 +82,7 @@ def test_random_dag_models(layers: list[tuple], data: st.DataObject) -> None:
     model = RandomDAG(5, layers)
     example = (torch.randn(4, 5),)
     view = build_graph(capture(model, example).gm)
-    n = data.draw(st.integers(1, len(view.legal_cuts) + 1), label="blocks")
+    n = data.draw(st.integers(1, max_blocks(view.block_cuts, view.owns_params)), label="blocks")
     m = hc.hbll_compile(model, example, blocks=n)
 
     # every compute node in exactly one block; context nodes only in the context graph
@@ -99,29 +101,42 @@ def test_random_dag_models(layers: list[tuple], data: st.DataObject) -> None:
     m.eval()
     assert (m(x) - model(x)).abs().max().item() <= 1e-5
 
-    # the partition is optimal: brute force over all choices of legal cuts
-    best = min(
-        max(sum(view.costs[a:b]) for a, b in zip((0, *cuts), (*cuts, len(view.costs))))
-        for cuts in itertools.combinations(view.legal_cuts, n - 1)
-    )
-    assert max(m.report.block_costs) == best
+    # every block owns a parameter, and the partition is optimal (brute force over the allowed cuts)
+    assert all(spec.param_count > 0 for spec in m.specs)
+    assert max(m.report.block_costs) == _brute_force(view.costs, view.block_cuts, view.owns_params, n)
     _check_tree(m.tree, n)
 
 
-@settings(max_examples=200, deadline=None)
+def _brute_force(costs: list[int], legal: list[int], owns_params: list[bool], n: int) -> int | None:
+    """The smallest largest-block cost over every choice of n-1 legal cuts that leaves a node owning
+    parameters in every block; None when no choice does."""
+    costs_of_allowed = [
+        max(sum(costs[a:b]) for a, b in zip((0, *cuts), (*cuts, len(costs))))
+        for cuts in itertools.combinations(legal, n - 1)
+        if all(any(owns_params[a:b]) for a, b in zip((0, *cuts), (*cuts, len(costs))))
+    ]
+    return min(costs_of_allowed, default=None)
+
+
+@settings(max_examples=300, deadline=None)
 @given(costs=st.lists(st.integers(0, 50), min_size=1, max_size=10), data=st.data())
 def test_partition_is_exactly_optimal(costs: list[int], data: st.DataObject) -> None:
     legal = sorted(data.draw(st.sets(st.integers(1, len(costs) - 1)), label="legal")) if len(costs) > 1 else []
+    owns = data.draw(st.lists(st.booleans(), min_size=len(costs), max_size=len(costs)), label="owns_params")
     n = data.draw(st.integers(1, len(legal) + 1), label="n")
-    part = choose_cuts(costs, legal, n)
+    best = _brute_force(costs, legal, owns, n)
+    if best is None:  # more blocks than pieces with parameters: refused, with the true maximum
+        with pytest.raises(CutError) as info:
+            choose_cuts(costs, legal, n, owns)
+        most = max(k for k in range(len(legal) + 2) if k == 0 or _brute_force(costs, legal, owns, k) is not None)
+        assert info.value.max_blocks == most == max_blocks(legal, owns)
+        return
+    part = choose_cuts(costs, legal, n, owns)
     assert len(part.cuts) == n - 1 and set(part.cuts) <= set(legal)
     assert list(part.cuts) == sorted(part.cuts)
     bounds = (0, *part.cuts, len(costs))
     assert part.block_costs == tuple(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
-    best = min(
-        max(sum(costs[a:b]) for a, b in zip((0, *cuts), (*cuts, len(costs))))
-        for cuts in itertools.combinations(legal, n - 1)
-    )
+    assert all(any(owns[a:b]) for a, b in zip(bounds, bounds[1:]))
     assert part.max_cost == best
 
 

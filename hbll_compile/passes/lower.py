@@ -1,8 +1,9 @@
 """Lowering: split the captured graph into a context GraphModule and N block GraphModules.
 
 Calling convention (read by the runtime, never re-derived):
-- ``tail(t, *[env[name] for name in tail.spec.context])`` runs the model's output tail (block N from
-  its last legal cut on, see :class:`~hbll_compile.ir.Tail`) on the value ``t`` crossing that cut;
+- ``tail(t, *[env[name] for name in tail.spec.context])`` runs the model's output tail (the end of
+  block N chosen by :func:`tail_cut`, see :class:`~hbll_compile.ir.Tail`) on the value ``t`` crossing
+  its cut;
 - ``context(*inputs)`` returns the tuple of context values named ``Lowered.context_names``;
 - the *environment* of one forward is ``{input name: input} | {context name: value}``;
 - block i is called as ``blocks[i-1](h_{i-1}, *[env[name] for name in specs[i-1].context])``, where
@@ -19,7 +20,7 @@ Example:
     >>> from hbll_compile.passes.partition import choose_cuts
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> cap = capture(net, (torch.randn(3, 4),)); view = build_graph(cap.gm)
-    >>> low = lower(cap, view, choose_cuts(view.costs, view.legal_cuts, 2), net)
+    >>> low = lower(cap, view, choose_cuts(view.costs, view.block_cuts, 2, view.owns_params), net)
     >>> [b.index for b in low.boundaries], len(low.blocks)
     ([0, 1, 2], 2)
 """
@@ -40,6 +41,8 @@ from hbll_compile.passes.capture import Captured, example_batch
 from hbll_compile.passes.graph import GraphView
 from hbll_compile.passes.partition import Partition
 
+__all__ = ["Lowered", "bind_state", "lower", "tail_cut"]
+
 
 @dataclass
 class Lowered:
@@ -52,21 +55,15 @@ class Lowered:
     constants: dict[str, torch.Tensor]
     """Captured tensors that are not attributes of the user's model (``target -> tensor``)."""
     tail: fx.GraphModule
-    """Block N from its last legal cut on (``blocks[-1]`` itself when block N has no legal cut, or
-    with ``output_tail="block"``)."""
+    """The end of block N from :func:`tail_cut` on (``blocks[-1]`` itself when that is None)."""
     tail_info: Tail
 
 
 def lower(
     captured: Captured, view: GraphView, partition: Partition, model: nn.Module, *, output_tail: str = "auto"
 ) -> Lowered:
-    """Build the context and block GraphModules for ``partition`` (see the module docstring).
-
-    ``output_tail="head"`` makes the tail block N from its last legal cut on; ``"block"`` makes it all
-    of block N; ``"auto"`` is ``"head"`` unless the value crossing that cut is a sequence (T, D),
-    where couplers are per-position maps that cannot stand in for the attention or token mixing of
-    block N.
-    """
+    """Build the context and block GraphModules for ``partition`` (see the module docstring); the
+    tail follows :func:`tail_cut`."""
     gm = captured.gm
     nodes = {n.name: n for n in gm.graph.nodes}
     input_names = tuple(view.inputs)
@@ -94,16 +91,34 @@ def lower(
     boundaries = [_boundary(i, name, nodes) for i, name in enumerate(boundary_nodes)]
 
     n = len(blocks)
-    inner = [c for c in view.legal_cuts if bounds[-2] < c] if output_tail != "block" else []
-    cut = _boundary(n, view.crossing[inner[-1]], nodes) if inner else None
+    start = tail_cut(view, bounds[-2], output_tail)
+    cut = _boundary(n, view.crossing[start], nodes) if start is not None else None
     if cut is not None and not (output_tail == "auto" and len(cut.shape) == 2):
-        members = view.sequence[inner[-1]:]
+        members = view.sequence[start:]
         graph, tail_reads = _block_graph(nodes, members, cut.node, view.output)
         tail = _graph_module(gm, graph, resolve, "Tail")
         tail_info = Tail(cut, _spec(n, members, tail, tail_reads, nodes, batch))
     else:
         tail, tail_info = blocks[-1], Tail(boundaries[n - 1], specs[-1])
     return Lowered(context, context_names, input_names, blocks, specs, boundaries, constants, tail, tail_info)
+
+
+def tail_cut(view: GraphView, block_start: int, output_tail: str) -> int | None:
+    """The legal cut where the output tail starts, for a last block starting at ``block_start``;
+    None for the whole block.
+
+    - ``"block"``: the whole block;
+    - ``"head"``: the last legal cut of the block (usually right before the final linear layer, even
+      when a normalisation precedes that layer: then it trains badly, see issue 12);
+    - ``"auto"``: the head cut (:mod:`~hbll_compile.passes.graph`), which keeps any normalisation the
+      head reads inside the tail.
+    """
+    inner = [c for c in view.legal_cuts if c > block_start]
+    if output_tail == "block" or not inner:
+        return None
+    if output_tail == "head":
+        return inner[-1]
+    return view.head_cut if view.head_cut is not None and view.head_cut > block_start else None
 
 
 def _spec(
