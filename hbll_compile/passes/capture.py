@@ -91,7 +91,7 @@ def example_batch(inputs: Sequence[torch.Tensor]) -> int:
     return max(int(inputs[0].shape[0]), 1) if inputs[0].dim() else 1
 
 
-def capture(model: nn.Module, example_inputs: Sequence[Any]) -> Captured:
+def capture(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor) -> Captured:
     """Capture ``model`` on ``example_inputs`` and annotate every node (see :class:`NodeInfo`).
 
     Rules for the example inputs (each refusal is a :class:`CaptureError` with a remedy):
@@ -298,7 +298,7 @@ def _relift_mode_dependent_modules(gm: fx.GraphModule, model: nn.Module) -> None
                 remedy="call BatchNorm/Dropout modules on a single tensor",
             )
         (source,), (result,) = inputs, outputs
-        _bind_submodule(gm, path, _submodule(model, path))
+        _bind_submodule(gm, path, model.get_submodule(path))  # grouped above because it exists
         with gm.graph.inserting_after(result):
             call = gm.graph.call_module(path, (source,))
         call.meta = dict(result.meta)
@@ -486,14 +486,14 @@ class _Annotator(fx.Interpreter):
         )
         return result
 
-    def get_attr(self, target: str, args: Any, kwargs: Any) -> Any:
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
         value = super().get_attr(target, args, kwargs)
         return self.fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
 
-    def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
-        module = self.fetch_attr(target)
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        module = self.fetch_attr(str(target))
         named = [*module.named_parameters(), *module.named_buffers()]
-        state = {k: self.fake_mode.from_tensor(v) for k, v in named}
+        state: dict[str, torch.Tensor] = {k: self.fake_mode.from_tensor(v) for k, v in named}
         return torch.func.functional_call(module, state, args, kwargs)
 
 

@@ -120,17 +120,17 @@ def build_graph(gm: fx.GraphModule) -> GraphView:
 
 def _is_state_source(gm: fx.GraphModule, n: fx.Node) -> bool:
     if n.op == "get_attr":
-        return isinstance(lookup(gm, n.target), nn.Parameter)
+        return isinstance(lookup(gm, str(n.target)), nn.Parameter)
     if n.op == "call_module":
-        module = gm.get_submodule(n.target)
+        module = gm.get_submodule(str(n.target))
         return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
     return False
 
 
 def _owns_params(gm: fx.GraphModule, n: fx.Node) -> bool:
     if n.op == "call_module":
-        return any(True for _ in gm.get_submodule(n.target).parameters())
-    return any(a.op == "get_attr" and isinstance(lookup(gm, a.target), nn.Parameter) for a in n.all_input_nodes)
+        return any(True for _ in gm.get_submodule(str(n.target)).parameters())
+    return any(a.op == "get_attr" and isinstance(lookup(gm, str(a.target)), nn.Parameter) for a in n.all_input_nodes)
 
 
 NORMALISATION_MODULES: tuple[type[nn.Module], ...] = (
@@ -171,7 +171,7 @@ def _head_cut(
 
 def _normalises(gm: fx.GraphModule, dag: nx.DiGraph, n: fx.Node, stateful: set[str]) -> bool:
     if n.op == "call_module":
-        return isinstance(gm.get_submodule(n.target), NORMALISATION_MODULES)
+        return isinstance(gm.get_submodule(str(n.target)), NORMALISATION_MODULES)
     name = op_name(n)
     if name in NORMALISATION_OPS:
         return True
@@ -205,7 +205,7 @@ def _local_ancestors(dag: nx.DiGraph, name: str, stateful: set[str]) -> set[str]
 
 def _only_feeds_batchnorm(gm: fx.GraphModule, n: fx.Node) -> bool:
     return bool(n.users) and all(
-        u.op == "call_module" and isinstance(gm.get_submodule(u.target), nn.modules.batchnorm._BatchNorm)
+        u.op == "call_module" and isinstance(gm.get_submodule(str(u.target)), nn.modules.batchnorm._BatchNorm)
         for u in n.users
     )
 

@@ -151,7 +151,7 @@ def _block_graph(
     def value(a: fx.Node) -> fx.Node:
         if a not in env:
             if a.op == "get_attr":
-                env[a] = graph.get_attr(a.target)
+                env[a] = graph.get_attr(str(a.target))
             elif a.name in member_set:
                 raise LoweringError(f"node {a.name} is read before it is computed", node=a.name,
                                     remedy="report this graph to hbll-compile")
@@ -180,7 +180,7 @@ def _context_graph(
 
     def value(a: fx.Node) -> fx.Node:
         if a not in env:
-            env[a] = graph.get_attr(a.target)
+            env[a] = graph.get_attr(str(a.target))
         return env[a]
 
     for name in context:
