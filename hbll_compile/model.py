@@ -26,6 +26,7 @@ from hbll_compile.passes.graph import lookup
 from hbll_compile.passes.lower import Lowered, bind_state
 from hbll_compile.runtime.batching import blocks_sharing_parameters
 from hbll_compile.runtime.executor import Executor
+from hbll_compile.runtime.fidelity import GradientReport, gradient_report
 from hbll_compile.runtime.schedule import Schedule
 from hbll_compile.runtime.trainer import evaluate, fit
 
@@ -192,10 +193,15 @@ class HBLLModel(nn.Module):
         eval_loader: Iterable[Sequence[torch.Tensor]] | None = None,
         *,
         progress: bool = True,
-    ) -> dict[str, list[float]]:
+        diagnose_every: int | None = None,
+        diagnose_batch: Sequence[torch.Tensor] | None = None,
+    ) -> dict[str, list[Any]]:
         """Train for ``epochs`` on batches ``(inputs..., target)`` with a rich progress bar (loss,
-        steps/s, stage count); default optimizer AdamW(lr=1e-3). Returns the per-epoch history."""
-        return fit(self, train_loader, epochs, optimizer, eval_loader, progress=progress)
+        steps/s, stage count); default optimizer AdamW(lr=1e-3). Returns the per-epoch history;
+        ``diagnose_every=k`` adds ``history["gradient_report"]``, the :meth:`gradient_report` summary
+        every k steps on one fixed batch (``diagnose_batch``, else the first training batch)."""
+        return fit(self, train_loader, epochs, optimizer, eval_loader, progress=progress,
+                   diagnose_every=diagnose_every, diagnose_batch=diagnose_batch)
 
     def depth_flops(self, depth: int | None) -> int:
         """Per-sample FLOPs of ``self(x, depth=depth)`` (the exact chain for ``None``)."""
@@ -220,6 +226,16 @@ class HBLLModel(nn.Module):
             metrics = evaluate(self, loader, depth=d)
             rows.append({"depth": d, "flops": self.depth_flops(d), **metrics})
         return rows
+
+    def gradient_report(
+        self, *inputs: torch.Tensor, target: torch.Tensor, paths: str = "couplers", probes: int = 4, seed: int = 0
+    ) -> GradientReport:
+        """The gradient-fidelity instrument on one batch at the current weights: per block, the cosine
+        and norm ratio of its local gradient against its BP gradient; per coupler, its consistency
+        error and VJP alignment with its exact span. ``paths="exact"`` swaps couplers for exact spans
+        (then cosines are 1: the self-check). Changes no weight, gradient, buffer, RNG or pipeline
+        state. See :mod:`hbll_compile.runtime.fidelity`."""
+        return gradient_report(self, inputs, target, paths=paths, probes=probes, seed=seed)
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str) -> None:

@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 
+from hbll_compile.errors import TrainingError
+from hbll_compile.runtime.fidelity import gradient_report
+
 Batch = Sequence[torch.Tensor]
 
 
@@ -64,17 +67,36 @@ def fit(
     eval_loader: Iterable[Batch] | None = None,
     *,
     progress: bool = True,
-) -> dict[str, list[float]]:
+    diagnose_every: int | None = None,
+    diagnose_batch: Batch | None = None,
+) -> dict[str, list[Any]]:
     """Train with ``model.training_step`` for ``epochs``; returns per-epoch history.
 
     The default optimizer is AdamW(lr=1e-3) over all parameters (blocks, couplers, heads). The
     progress bar shows the loss, steps per second and the schedule's stage count.
+
+    With ``diagnose_every=k`` the history also holds ``"gradient_report"``: the
+    :meth:`~hbll_compile.runtime.fidelity.GradientReport.summary` of a gradient report, with its
+    ``"step"``, before training and after every k steps, always on the same batch
+    (``diagnose_batch``, ``(inputs..., target)``, else the first batch of the first epoch).
     """
+    if diagnose_every is not None and diagnose_every < 1:
+        raise TrainingError(f"diagnose_every must be >= 1, got {diagnose_every}", node="diagnose_every",
+                            remedy="pass a step interval such as diagnose_every=10, or None to skip reports")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
     device = _device_of(model)
-    history: dict[str, list[float]] = {"loss": [], "eval_loss": [], "eval_accuracy": [], "steps_per_s": []}
+    history: dict[str, list[Any]] = {"loss": [], "eval_loss": [], "eval_accuracy": [], "steps_per_s": []}
+    fixed = split_batch(to_device(diagnose_batch, device)) if diagnose_batch is not None else None
+    if diagnose_every is not None:
+        history["gradient_report"] = []
+
+    def diagnose(step: int) -> None:
+        report = gradient_report(model, fixed[0], fixed[1])
+        history["gradient_report"].append({"step": step, **report.summary()})
+
+    step = 0
     total = len(train_loader) if hasattr(train_loader, "__len__") else None
     columns = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} steps/s  "
@@ -87,10 +109,16 @@ def fit(
             losses, start, steps = [], time.perf_counter(), 0
             for batch in train_loader:
                 inputs, target = split_batch(to_device(batch, device))
+                if diagnose_every is not None and step == 0:
+                    fixed = fixed if fixed is not None else (inputs, target)
+                    diagnose(0)
                 optimizer.zero_grad(set_to_none=True)
                 loss = model.training_step(*inputs, target=target)
                 optimizer.step()
                 steps += 1
+                step += 1
+                if diagnose_every is not None and step % diagnose_every == 0:
+                    diagnose(step)
                 if torch.isfinite(loss):
                     losses.append(float(loss))
                 rate = steps / (time.perf_counter() - start)
