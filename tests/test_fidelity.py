@@ -79,7 +79,7 @@ def test_coupler_report_is_finite_and_bounded() -> None:
     for b in report.blocks:
         assert -1 <= b.cosine <= 1 and math.isfinite(b.norm_ratio) and b.norm_ratio > 0
     for c in report.couplers:
-        assert math.isfinite(c.consistency_error) and c.consistency_error >= 0
+        assert c.consistency_error is not None and math.isfinite(c.consistency_error) and c.consistency_error >= 0
         assert -1 <= c.vjp_cosine <= 1
     # untrained couplers are not their spans: the report must see that some paths are inexact
     assert min(b.cosine for b in report.blocks) < 0.999
@@ -192,6 +192,9 @@ def test_bad_arguments_raise_training_errors() -> None:
         m.gradient_report(*x, x[0], target=y)
     with pytest.raises(TrainingError, match="probes"):
         m.gradient_report(*x, target=y, probes=0)
+    with pytest.raises(TrainingError, match="rejected the target") as err:
+        m.gradient_report(*x, target=y[:3])
+    assert err.value.node == "target" and isinstance(err.value.__cause__, ValueError)
     with torch.no_grad():
         next(m.blocks[0].parameters()).fill_(float("nan"))
     with pytest.raises(TrainingError, match="not finite"):

@@ -88,6 +88,8 @@ class Diagnosable(Units, Protocol):
 
     def buffers(self) -> Iterator[torch.Tensor]: ...
 
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
 
 @dataclass(frozen=True)
 class BlockFidelity:
@@ -111,7 +113,8 @@ class CouplerFidelity:
 
     node: int
     span: tuple[int, int]
-    consistency_error: float
+    consistency_error: float | None
+    """``None`` where the exact span's output is zero (a relative error is undefined)."""
     vjp_cosine: float | None
 
 
@@ -176,7 +179,8 @@ class GradientReport:
         for column in ("node", "span", "consistency error", "VJP cosine"):
             couplers.add_column(column, justify="right")
         for c in self.couplers:
-            couplers.add_row(str(c.node), f"({c.span[0]}, {c.span[1]}]", f"{c.consistency_error:.4f}",
+            error = "-" if c.consistency_error is None else f"{c.consistency_error:.3g}"
+            couplers.add_row(str(c.node), f"({c.span[0]}, {c.span[1]}]", error,
                              _fmt(c.vjp_cosine))
         console = Console(file=io.StringIO(), width=120, record=True)
         console.print(header)
@@ -239,9 +243,9 @@ def _untouched(m: Diagnosable, seed: int) -> Iterator[None]:
     owned = {id(b): b for b in itertools.chain(m.buffers(), m.to_original().buffers())}
     saved = [(b, b.detach().clone()) for b in owned.values()]
     units = [*m.blocks, m.tail]
-    devices = sorted({b.device.index or 0 for b in owned.values() if b.is_cuda})
+    devices = sorted({t.device.index or 0 for t in itertools.chain(m.parameters(), owned.values()) if t.is_cuda})
     with torch.random.fork_rng(devices=devices), torch.enable_grad():
-        hooks = [unit.register_forward_pre_hook(_reseed(seed * 7919 + j)) for j, unit in enumerate(units)]
+        hooks = [unit.register_forward_pre_hook(_reseed(seed * 7919 + j, devices)) for j, unit in enumerate(units)]
         try:
             yield
         finally:
@@ -252,9 +256,14 @@ def _untouched(m: Diagnosable, seed: int) -> Iterator[None]:
                     buffer.copy_(value)
 
 
-def _reseed(value: int) -> Callable[[nn.Module, Any], None]:
+def _reseed(value: int, devices: list[int]) -> Callable[[nn.Module, Any], None]:
+    """A pre-hook seeding the CPU generator and those of ``devices`` (the ones ``fork_rng`` restores)."""
+
     def hook(_module: nn.Module, _args: Any) -> None:
-        torch.manual_seed(value)
+        torch.random.default_generator.manual_seed(value)
+        for index in devices:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(value)
 
     return hook
 
@@ -269,7 +278,11 @@ def _exact_chain(
     for i in range(1, m.tree.n_blocks + 1):
         h = m.run_block(i, h, env)
         chain.append(h)
-    loss = m.task_loss(h, target)
+    try:
+        loss = m.task_loss(h, target)
+    except (RuntimeError, ValueError, IndexError, TypeError) as err:
+        raise TrainingError(f"the task loss rejected the target: {err}", node="target",
+                            remedy=f"pass the target the loss expects for an output of shape {tuple(h.shape)}") from err
     _require_finite(loss, "loss", "the task loss of the exact chain")
     params = list(dict.fromkeys(p for p in m.blocks.parameters() if p.requires_grad))
     grads = dict(zip(params, torch.autograd.grad(loss, params, allow_unused=True))) if params else {}
@@ -360,9 +373,9 @@ def _coupler_fidelity(
     with torch.no_grad():
         predicted = m.run_coupler(v.id, chain[a], env)
     exact = chain[b]
+    _require_finite(predicted, f"coupler {v.id}", f"the output of coupler {v.id}")
     scale = float(exact.double().pow(2).sum())
-    error = float((predicted.double() - exact.double()).pow(2).sum()) / scale if scale > 0 else math.inf
-    _require_finite(torch.tensor(error), f"coupler {v.id}", f"the consistency error of coupler {v.id}")
+    error = float((predicted.double() - exact.double()).pow(2).sum()) / scale if scale > 0 else None
 
     plan = next(p for p in m.coupler_plans if p.node == v.id)
     source = chain[plan.source].detach().requires_grad_()
@@ -475,7 +488,8 @@ def plot_history(history: dict[str, Any], path: str) -> None:
     spans = rows[0]["coupler_span"]
     tab = matplotlib.colormaps["tab20"]
     for j, (a, b) in enumerate(spans):
-        bottom.plot(steps, [r["coupler_error"][j] for r in rows], lw=1.0, marker=".", color=tab(j % 20),
+        errors = [r["coupler_error"][j] if r["coupler_error"][j] is not None else math.nan for r in rows]
+        bottom.plot(steps, errors, lw=1.0, marker=".", color=tab(j % 20),
                     label=f"C({a},{b}]")
     bottom.set_yscale("log")
     bottom.set_xlabel("training step")
