@@ -5,6 +5,7 @@ Examples (the commands behind benchmarks/results/issue12_fidelity.md):
     python benchmarks/fidelity.py --model resmlp --blocks 8 16 --epochs 1
     python benchmarks/fidelity.py --model ln_head --blocks 16 --epochs 1
     python benchmarks/fidelity.py --model ln_head --blocks 16 --epochs 1 --config '{"output_tail": "block"}'
+    python benchmarks/fidelity.py --summarise benchmarks/results/issue12_fidelity.jsonl
 
 Each run appends one JSON line to ``--out`` (per-block cosines and norm ratios, per-coupler errors and
 VJP cosines, the exact-path self-check, held-out accuracy, and the cosine trajectory recorded every
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -89,6 +91,58 @@ def run(name: str, n: int, epochs: int, seed: int, config: dict[str, Any], every
     }
 
 
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def summarise(path: str) -> str:
+    """Markdown tables over seeds: per setting, then per block, then by coupler count in the path."""
+    rows = [json.loads(line) for line in open(path)]
+    settings: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        settings.setdefault((row["model"], row["blocks"], json.dumps(row["config"])), []).append(row)
+    out = ["| model | N | config | seeds | held-out accuracy (%) | mean block cosine | min block cosine | "
+           "exact-path check max abs(cos − 1) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (model, n, config), group in settings.items():
+        cosines = [[b["cosine"] for b in r["report"]["blocks"]] for r in group]
+        out.append(f"| {model} | {n} | `{config}` | {', '.join(str(r['seed']) for r in group)} | "
+                   f"{_mean_std([100 * r['eval_accuracy'] for r in group])} | "
+                   f"{_mean_std([r['report']['mean_cosine'] for r in group])} | "
+                   f"{_mean_std([min(c) for c in cosines])} | "
+                   f"{max(r['exact_max_abs_cosine_error'] for r in group):.1e} |")
+    out += ["", "Per-block cosine (mean over the seeds of each setting):", "",
+            "| model | N | config | " + " | ".join(f"b{i}" for i in range(1, 17)) + " |",
+            "| --- | --- | --- | " + " | ".join("---" for _ in range(16)) + " |"]
+    for (model, n, config), group in settings.items():
+        means = [statistics.mean(r["report"]["blocks"][i]["cosine"] for r in group) for i in range(n)]
+        out.append(f"| {model} | {n} | `{config}` | " + " | ".join(f"{c:.2f}" for c in means)
+                   + " | " * (16 - n) + " |")
+    out += ["", "By the number of couplers in a block's path (mean cosine and norm ratio over blocks and seeds):",
+            "", "| model | N | config | couplers in path: cosine (norm ratio) |", "| --- | --- | --- | --- |"]
+    for (model, n, config), group in settings.items():
+        by_count: dict[int, list[tuple[float, float]]] = {}
+        for r in group:
+            for b in r["report"]["blocks"]:
+                count = sum(1 for a, e in b["path"] if e - a > 1)
+                by_count.setdefault(count, []).append((b["cosine"], b["norm_ratio"]))
+        cells = [f"{k}: {statistics.mean(c for c, _ in v):.2f} ({statistics.mean(r for _, r in v):.2f})"
+                 for k, v in sorted(by_count.items())]
+        out.append(f"| {model} | {n} | `{config}` | {'; '.join(cells)} |")
+    out += ["", "Couplers (mean over seeds): relative consistency error / VJP cosine", "",
+            "| model | N | config | " + "couplers (a, b]: error / VJP cosine |", "| --- | --- | --- | --- |"]
+    for (model, n, config), group in settings.items():
+        spans = [tuple(c["span"]) for c in group[0]["report"]["couplers"]]
+        cells = []
+        for j, (a, b) in enumerate(spans):
+            error = statistics.mean(r["report"]["couplers"][j]["consistency_error"] for r in group)
+            vjp = statistics.mean(r["report"]["couplers"][j]["vjp_cosine"] for r in group)
+            cells.append(f"({a},{b}]: {error:.2f} / {vjp:.2f}")
+        out.append(f"| {model} | {n} | `{config}` | {'; '.join(cells)} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("resmlp", "ln_head"), default="resmlp")
@@ -100,7 +154,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=512, help="held-out digits in the measured batch")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/fidelity.jsonl"))
     parser.add_argument("--png", default=None, help="plot each run's trajectory to PNG (suffixed _N{blocks})")
+    parser.add_argument("--summarise", default=None, help="print markdown tables of a results file and stop")
     args = parser.parse_args(argv)
+    if args.summarise:
+        print(summarise(args.summarise))
+        return
     from hbll_compile.runtime.fidelity import plot_history
 
     for n in args.blocks:

@@ -18,7 +18,9 @@ end-to-end (BP) gradient, and how well each coupler stands in for the span of bl
 
 ``paths="exact"`` replaces every coupler by the exact frozen chain of its span, in the paths and in
 the tree estimate alike. Local gradients then equal the BP gradients (cosine 1 up to rounding) when
-the objective is ``"hbll"`` without local heads: the instrument's self-check. Under ``"bp"`` the
+the objective is ``"hbll"`` without local heads (``local_head_weight=0``, the default): the
+instrument's self-check. A parameter shared by several blocks (tied weights) is compared with the
+sum of the local gradients that reach it, which is what its ``.grad`` holds after a training step. Under ``"bp"`` the
 local gradient *is* the BP gradient, so paths are always exact there.
 
 The report leaves the model as it found it: weights, ``.grad`` (it uses ``torch.autograd.grad``),
@@ -322,7 +324,7 @@ def _tree_estimate(m: Diagnosable, x: torch.Tensor, env: Env, paths: str) -> lis
 
 def _local_gradients(
     m: Diagnosable, i: int, h: torch.Tensor, target: torch.Tensor, env: Env, paths: str
-) -> tuple[tuple[int, ...], dict[torch.Tensor, torch.Tensor]]:
+) -> tuple[tuple[tuple[int, int], ...], dict[torch.Tensor, torch.Tensor]]:
     """Block i's local loss as the executor forms it, differentiated with respect to block i's
     trainable parameters only; returns the path it went through and the gradient per parameter."""
     n = m.tree.n_blocks

@@ -92,11 +92,14 @@ def fit(
     if diagnose_every is not None:
         history["gradient_report"] = []
 
-    def diagnose(step: int) -> None:
+    def diagnose(step: int) -> float:
+        """Record a report; returns its seconds, which steps/s leaves out."""
+        began = time.perf_counter()
         report = gradient_report(model, fixed[0], fixed[1])
         history["gradient_report"].append({"step": step, **report.summary()})
+        return time.perf_counter() - began
 
-    step = 0
+    global_step = 0
     total = len(train_loader) if hasattr(train_loader, "__len__") else None
     columns = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} steps/s  "
@@ -109,16 +112,16 @@ def fit(
             losses, start, steps = [], time.perf_counter(), 0
             for batch in train_loader:
                 inputs, target = split_batch(to_device(batch, device))
-                if diagnose_every is not None and step == 0:
+                if diagnose_every is not None and global_step == 0:
                     fixed = fixed if fixed is not None else (inputs, target)
-                    diagnose(0)
+                    start += diagnose(0)
                 optimizer.zero_grad(set_to_none=True)
                 loss = model.training_step(*inputs, target=target)
                 optimizer.step()
                 steps += 1
-                step += 1
-                if diagnose_every is not None and step % diagnose_every == 0:
-                    diagnose(step)
+                global_step += 1
+                if diagnose_every is not None and global_step % diagnose_every == 0:
+                    start += diagnose(global_step)
                 if torch.isfinite(loss):
                     losses.append(float(loss))
                 rate = steps / (time.perf_counter() - start)
