@@ -80,7 +80,7 @@ def test_coupler_report_is_finite_and_bounded() -> None:
         assert -1 <= b.cosine <= 1 and math.isfinite(b.norm_ratio) and b.norm_ratio > 0
     for c in report.couplers:
         assert c.consistency_error is not None and math.isfinite(c.consistency_error) and c.consistency_error >= 0
-        assert -1 <= c.vjp_cosine <= 1
+        assert -1 <= c.vjp_cosine <= 1 and -1 <= c.grad_vjp_cosine <= 1
     # untrained couplers are not their spans: the report must see that some paths are inexact
     assert min(b.cosine for b in report.blocks) < 0.999
     # the last block's path is empty and the one before runs block N exactly: both are exact
@@ -96,6 +96,7 @@ def test_report_values_stay_in_range(size: int, seed: int) -> None:
     y = torch.randint(0, 5, (size,), generator=torch.Generator().manual_seed(seed + 1))
     report = m.gradient_report(x, target=y, probes=2)
     values = [b.cosine for b in report.blocks] + [c.vjp_cosine for c in report.couplers]
+    values += [c.grad_vjp_cosine for c in report.couplers]
     assert all(v is not None and -1 - 1e-9 <= v <= 1 + 1e-9 for v in values)
     assert all(math.isfinite(c.consistency_error) for c in report.couplers)
 

@@ -12,7 +12,9 @@ end-to-end (BP) gradient, and how well each coupler stands in for the span of bl
 - **Coupler v** with span (a, b]: its consistency error ``‖C_v(h_a) − S_v(h_a)‖² / ‖S_v(h_a)‖²``
   against the exact span S_v on the exact ``h_a``, in the coupler's output space (``h_b``, or the
   model output when the tail finishes it), and the cosine between ``J_C^T u`` and ``J_S^T u`` for
-  seeded probes ``u ~ N(0, 1)`` in that space, averaged. The vector-Jacobian products are taken at
+  seeded probes ``u ~ N(0, 1)`` in that space, averaged, and for ``u = ∂ℓ/∂h_b``, the exact BP
+  gradient there (random probes can overstate how well a coupler carries the one direction that
+  matters). The vector-Jacobian products are taken at
   the boundary the coupler's learned part reads (``h_1`` for token inputs, which are not
   differentiable).
 
@@ -111,13 +113,17 @@ class BlockFidelity:
 @dataclass(frozen=True)
 class CouplerFidelity:
     """Coupler of tree node ``node`` against the exact span ``(a, b]`` it stands for.
-    ``vjp_cosine`` is ``None`` where a VJP is zero for every probe."""
+    Cosines are ``None`` where a VJP is zero (for every probe)."""
 
     node: int
     span: tuple[int, int]
     consistency_error: float | None
     """``None`` where the exact span's output is zero (a relative error is undefined)."""
     vjp_cosine: float | None
+    """Mean cosine of ``J_C^T u`` and ``J_S^T u`` over random probes ``u``."""
+    grad_vjp_cosine: float | None
+    """The same cosine for ``u = ∂ℓ/∂h_b``, the exact BP gradient at the coupler's output: the one
+    direction a block's path gradient actually takes through it."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +132,7 @@ class GradientReport:
 
     Example:
         >>> blocks = (BlockFidelity(1, 0.5, 2.0, 2.0, 1.0, ((1, 2),)), BlockFidelity(2, 1.0, 1.0, 1.0, 1.0, ()))
-        >>> r = GradientReport(blocks, (CouplerFidelity(0, (0, 2), 0.25, 0.75),), "hbll", "exact chain",
+        >>> r = GradientReport(blocks, (CouplerFidelity(0, (0, 2), 0.25, 0.75, 0.5),), "hbll", "exact chain",
         ...                    "couplers", 1.5, 4)
         >>> r.mean_cosine, r.summary()["coupler_error"]
         (0.75, [0.25])
@@ -157,6 +163,7 @@ class GradientReport:
             "coupler_span": [list(c.span) for c in self.couplers],
             "coupler_error": [c.consistency_error for c in self.couplers],
             "coupler_vjp_cosine": [c.vjp_cosine for c in self.couplers],
+            "coupler_grad_vjp_cosine": [c.grad_vjp_cosine for c in self.couplers],
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,12 +185,12 @@ class GradientReport:
             blocks.add_row(str(b.block), path or "-", _fmt(b.cosine), _fmt(b.norm_ratio),
                            f"{b.local_norm:.3e}", f"{b.bp_norm:.3e}")
         couplers = Table(title=f"couplers against their exact spans ({self.probes} VJP probes)")
-        for column in ("node", "span", "consistency error", "VJP cosine"):
+        for column in ("node", "span", "consistency error", "VJP cosine (probes)", "VJP cosine (BP gradient)"):
             couplers.add_column(column, justify="right")
         for c in self.couplers:
             error = "-" if c.consistency_error is None else f"{c.consistency_error:.3g}"
             couplers.add_row(str(c.node), f"({c.span[0]}, {c.span[1]}]", error,
-                             _fmt(c.vjp_cosine))
+                             _fmt(c.vjp_cosine), _fmt(c.grad_vjp_cosine))
         console = Console(file=io.StringIO(), width=120, record=True)
         console.print(header)
         console.print(blocks)
@@ -210,11 +217,11 @@ def gradient_report(
     n = m.tree.n_blocks
     with _untouched(m, seed):
         env = m.environment(*inputs)
-        chain, bp_grads, loss = _exact_chain(m, tuple(inputs), target, env)
+        chain, bp_grads, boundary_grads, loss = _exact_chain(m, tuple(inputs), target, env)
         tree_inputs = objective == "hbll" and m.config.inputs == "tree"
         starts = _tree_estimate(m, chain[0], env, paths) if tree_inputs else chain[:n]
         blocks = _block_fidelities(m, starts, target, env, bp_grads, paths)
-        couplers = tuple(_coupler_fidelity(m, v, tuple(inputs), chain, env, probes, seed)
+        couplers = tuple(_coupler_fidelity(m, v, tuple(inputs), chain, boundary_grads[v.span[1]], env, probes, seed)
                          for v in m.tree.internal_nodes)
     where = f"tree estimate, K={m.config.corrections} {m.config.correction}" if tree_inputs else "exact chain"
     return GradientReport(blocks, couplers, objective, where, paths, loss, probes)
@@ -272,9 +279,10 @@ def _reseed(value: int, devices: list[int]) -> Callable[[nn.Module, Any], None]:
 
 def _exact_chain(
     m: Diagnosable, inputs: tuple[torch.Tensor, ...], target: torch.Tensor, env: Env
-) -> tuple[list[torch.Tensor], list[torch.Tensor | None], float]:
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[torch.Tensor | None], float]:
     """``h_0 .. h_N`` of the exact chain (detached), each block's flattened BP gradient of
-    ``ℓ(model(x), y)`` (``None`` for a block without trainable parameters), and that loss.
+    ``ℓ(model(x), y)`` (``None`` for a block without trainable parameters), the BP gradient
+    ``∂ℓ/∂h_i`` at each boundary (``None`` where h_i does not depend on parameters), and the loss.
     The chain is what ``m(*inputs)`` computes, run block by block to keep the boundaries."""
     h, chain = inputs[0], [inputs[0]]
     for i in range(1, m.tree.n_blocks + 1):
@@ -287,9 +295,15 @@ def _exact_chain(
                             remedy=f"pass the target the loss expects for an output of shape {tuple(h.shape)}") from err
     _require_finite(loss, "loss", "the task loss of the exact chain")
     params = list(dict.fromkeys(p for p in m.blocks.parameters() if p.requires_grad))
-    grads = dict(zip(params, torch.autograd.grad(loss, params, allow_unused=True))) if params else {}
-    per_block = [_flat([(p, grads[p]) for p in _trainable(block)]) for block in m.blocks]
-    return [t.detach() for t in chain], per_block, float(loss.detach())
+    boundaries = [i for i, h in enumerate(chain) if i > 0 and h.requires_grad]
+    wrt = [*params, *(chain[i] for i in boundaries)]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True) if wrt else ()
+    by_param = dict(zip(params, grads))
+    per_block = [_flat([(p, by_param[p]) for p in _trainable(block)]) for block in m.blocks]
+    at_boundary: list[torch.Tensor | None] = [None] * len(chain)
+    for i, g in zip(boundaries, grads[len(params):]):
+        at_boundary[i] = g
+    return [t.detach() for t in chain], per_block, at_boundary, float(loss.detach())
 
 
 def _tree_estimate(m: Diagnosable, x: torch.Tensor, env: Env, paths: str) -> list[torch.Tensor]:
@@ -368,8 +382,8 @@ def _block_fidelities(
 
 
 def _coupler_fidelity(
-    m: Diagnosable, v: TreeNode, inputs: tuple[torch.Tensor, ...], chain: list[torch.Tensor], env: Env,
-    probes: int, seed: int,
+    m: Diagnosable, v: TreeNode, inputs: tuple[torch.Tensor, ...], chain: list[torch.Tensor],
+    bp_grad: torch.Tensor | None, env: Env, probes: int, seed: int,
 ) -> CouplerFidelity:
     a, b = v.span
     with torch.no_grad():
@@ -389,16 +403,18 @@ def _coupler_fidelity(
         coupled = m.couplers[str(v.id)](source)
         coupled = m.run_tail(coupled, env) if plan.runs_tail else coupled
     spanned = _span(m, (plan.source, b), source, env)
-    generator = torch.Generator().manual_seed(seed * 100_003 + v.id)
-    cosines = []
-    for _ in range(probes):
-        u = torch.randn(exact.shape, generator=generator, dtype=exact.dtype).to(exact.device)
+
+    def vjp_cosine(u: torch.Tensor) -> float | None:
         (j_c,) = torch.autograd.grad(coupled, source, u, retain_graph=True, allow_unused=True)
         (j_s,) = torch.autograd.grad(spanned, source, u, retain_graph=True, allow_unused=True)
-        cosine = _cosine(j_c, j_s) if j_c is not None and j_s is not None else None
-        if cosine is not None:
-            cosines.append(cosine)
-    return CouplerFidelity(v.id, v.span, error, sum(cosines) / len(cosines) if cosines else None)
+        return _cosine(j_c, j_s) if j_c is not None and j_s is not None else None
+
+    generator = torch.Generator().manual_seed(seed * 100_003 + v.id)
+    probed = [vjp_cosine(torch.randn(exact.shape, generator=generator, dtype=exact.dtype).to(exact.device))
+              for _ in range(probes)]
+    defined = [c for c in probed if c is not None]
+    along_gradient = vjp_cosine(bp_grad) if bp_grad is not None else None
+    return CouplerFidelity(v.id, v.span, error, sum(defined) / len(defined) if defined else None, along_gradient)
 
 
 # -- small helpers -------------------------------------------------------------------------------
