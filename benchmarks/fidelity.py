@@ -130,15 +130,17 @@ def summarise(path: str) -> str:
         cells = [f"{k}: {statistics.mean(c for c, _ in v):.2f} ({statistics.mean(r for _, r in v):.2f})"
                  for k, v in sorted(by_count.items())]
         out.append(f"| {model} | {n} | `{config}` | {'; '.join(cells)} |")
-    out += ["", "Couplers (mean over seeds): relative consistency error / VJP cosine", "",
-            "| model | N | config | " + "couplers (a, b]: error / VJP cosine |", "| --- | --- | --- | --- |"]
+    out += ["", "Couplers (mean over seeds): relative consistency error / VJP cosine on random probes / VJP cosine "
+            "along the BP gradient", "",
+            "| model | N | config | couplers (a, b]: error / probes / BP gradient |", "| --- | --- | --- | --- |"]
     for (model, n, config), group in settings.items():
         spans = [tuple(c["span"]) for c in group[0]["report"]["couplers"]]
         cells = []
         for j, (a, b) in enumerate(spans):
             error = statistics.mean(r["report"]["couplers"][j]["consistency_error"] for r in group)
             vjp = statistics.mean(r["report"]["couplers"][j]["vjp_cosine"] for r in group)
-            cells.append(f"({a},{b}]: {error:.2f} / {vjp:.2f}")
+            along = statistics.mean(r["report"]["couplers"][j]["grad_vjp_cosine"] for r in group)
+            cells.append(f"({a},{b}]: {error:.2f} / {vjp:.2f} / {along:.2f}")
         out.append(f"| {model} | {n} | `{config}` | {'; '.join(cells)} |")
     return "\n".join(out)
 
