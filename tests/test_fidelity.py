@@ -91,7 +91,7 @@ def test_coupler_report_is_finite_and_bounded() -> None:
 @settings(max_examples=8, deadline=None)
 @given(size=st.integers(2, 12), seed=st.integers(0, 2**16))
 def test_report_values_stay_in_range(size: int, seed: int) -> None:
-    m = _REPORT_MODEL
+    m = _shared("resmlp", 4, inputs="wavefront")
     x = torch.randn(size, 20, generator=torch.Generator().manual_seed(seed))
     y = torch.randint(0, 5, (size,), generator=torch.Generator().manual_seed(seed + 1))
     report = m.gradient_report(x, target=y, probes=2)
@@ -99,9 +99,6 @@ def test_report_values_stay_in_range(size: int, seed: int) -> None:
     values += [c.grad_vjp_cosine for c in report.couplers]
     assert all(v is not None and -1 - 1e-9 <= v <= 1 + 1e-9 for v in values)
     assert all(math.isfinite(c.consistency_error) for c in report.couplers)
-
-
-_REPORT_MODEL = _compiled("resmlp", 4)
 
 
 def test_report_is_deterministic() -> None:
