@@ -97,6 +97,13 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def _whole_update_cosine(row: dict[str, Any]) -> float:
+    from hbll_compile.runtime.fidelity import BlockFidelity, GradientReport
+
+    blocks = tuple(BlockFidelity(**b) for b in row["report"]["blocks"])
+    return GradientReport(blocks, (), "", "", "", 0.0, 0).global_cosine
+
+
 def summarise(path: str) -> str:
     """Markdown tables over seeds: per setting, then per block, then by coupler count in the path."""
     rows = [json.loads(line) for line in open(path)]
@@ -104,13 +111,14 @@ def summarise(path: str) -> str:
     for row in rows:
         settings.setdefault((row["model"], row["blocks"], json.dumps(row["config"])), []).append(row)
     out = ["| model | N | config | seeds | held-out accuracy (%) | mean block cosine | min block cosine | "
-           "exact-path check max abs(cos − 1) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "whole-update cosine | exact-path check max abs(cos − 1) |", "|" + " --- |" * 9]
     for (model, n, config), group in settings.items():
         cosines = [[b["cosine"] for b in r["report"]["blocks"]] for r in group]
         out.append(f"| {model} | {n} | `{config}` | {', '.join(str(r['seed']) for r in group)} | "
                    f"{_mean_std([100 * r['eval_accuracy'] for r in group])} | "
                    f"{_mean_std([r['report']['mean_cosine'] for r in group])} | "
                    f"{_mean_std([min(c) for c in cosines])} | "
+                   f"{_mean_std([_whole_update_cosine(r) for r in group])} | "
                    f"{max(r['exact_max_abs_cosine_error'] for r in group):.1e} |")
     out += ["", "Per-block cosine (mean over the seeds of each setting):", "",
             "| model | N | config | " + " | ".join(f"b{i}" for i in range(1, 17)) + " |",

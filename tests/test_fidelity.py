@@ -60,7 +60,7 @@ def test_exact_paths_give_bp_gradients(name: str, blocks: int, inputs: str) -> N
             continue
         assert b.cosine == pytest.approx(1.0, abs=1e-5), b
         assert b.norm_ratio == pytest.approx(1.0, abs=1e-5), b
-    assert any(b.cosine is not None for b in report.blocks)
+    assert report.global_cosine == pytest.approx(1.0, abs=1e-5)
 
 
 def test_bp_objective_is_measured_with_exact_paths() -> None:
@@ -78,6 +78,7 @@ def test_coupler_report_is_finite_and_bounded() -> None:
     assert [c.span for c in report.couplers] == [n.span for n in m.tree.internal_nodes]
     for b in report.blocks:
         assert -1 <= b.cosine <= 1 and math.isfinite(b.norm_ratio) and b.norm_ratio > 0
+    assert -1 <= report.global_cosine <= 1
     for c in report.couplers:
         assert c.consistency_error is not None and math.isfinite(c.consistency_error) and c.consistency_error >= 0
         assert -1 <= c.vjp_cosine <= 1 and -1 <= c.grad_vjp_cosine <= 1

@@ -134,8 +134,8 @@ class GradientReport:
         >>> blocks = (BlockFidelity(1, 0.5, 2.0, 2.0, 1.0, ((1, 2),)), BlockFidelity(2, 1.0, 1.0, 1.0, 1.0, ()))
         >>> r = GradientReport(blocks, (CouplerFidelity(0, (0, 2), 0.25, 0.75, 0.5),), "hbll", "exact chain",
         ...                    "couplers", 1.5, 4)
-        >>> r.mean_cosine, r.summary()["coupler_error"]
-        (0.75, [0.25])
+        >>> r.mean_cosine, round(r.global_cosine, 4), r.summary()["coupler_error"]
+        (0.75, 0.6325, [0.25])
     """
 
     blocks: tuple[BlockFidelity, ...]
@@ -154,10 +154,21 @@ class GradientReport:
         defined = [b.cosine for b in self.blocks if b.cosine is not None]
         return sum(defined) / len(defined) if defined else None
 
+    @property
+    def global_cosine(self) -> float | None:
+        """Cosine of the whole update: every block's local gradient concatenated against every block's
+        BP gradient (blocks weigh by their gradient norms; a tied parameter counts once per block
+        holding it). ``None`` when either side is zero."""
+        defined = [b for b in self.blocks if b.cosine is not None]
+        dot = sum(b.cosine * b.local_norm * b.bp_norm for b in defined)
+        norms = math.sqrt(sum(b.local_norm**2 for b in defined)) * math.sqrt(sum(b.bp_norm**2 for b in defined))
+        return dot / norms if norms > 0 else None
+
     def summary(self) -> dict[str, Any]:
         """The numbers as lists in block and coupler order (what ``fit(diagnose_every=...)`` records)."""
         return {
             "mean_cosine": self.mean_cosine,
+            "global_cosine": self.global_cosine,
             "block_cosine": [b.cosine for b in self.blocks],
             "block_norm_ratio": [b.norm_ratio for b in self.blocks],
             "coupler_span": [list(c.span) for c in self.couplers],
@@ -168,7 +179,7 @@ class GradientReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything, JSON-serialisable (``None`` for undefined values)."""
-        return {**asdict(self), "mean_cosine": self.mean_cosine}
+        return {**asdict(self), "mean_cosine": self.mean_cosine, "global_cosine": self.global_cosine}
 
     def table(self) -> str:
         """Two tables, blocks and couplers, rendered as text with rich."""
@@ -176,7 +187,8 @@ class GradientReport:
         from rich.table import Table
 
         header = (f"gradient fidelity: objective {self.objective}, inputs {self.inputs}, paths {self.paths}; "
-                  f"task loss {self.loss:.4f}; mean block cosine {_fmt(self.mean_cosine)}")
+                  f"task loss {self.loss:.4f}; mean block cosine {_fmt(self.mean_cosine)}, "
+                  f"whole-update cosine {_fmt(self.global_cosine)}")
         blocks = Table(title="blocks: local gradient against BP gradient")
         for column in ("block", "path to the output", "cosine", "norm ratio", "‖g local‖", "‖g BP‖"):
             blocks.add_column(column, justify="left" if column.startswith("path") else "right")
