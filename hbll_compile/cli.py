@@ -4,6 +4,7 @@ Example:
     hbll inspect examples/cifar10_resnet.py:build_model --input-shape 4,3,32,32 --blocks 4 --png tree.png
     hbll inspect mymodel.py:build --input-shape 2,64 --dtype int64
     hbll export examples/models.py:resnet --input-shape 4,3,32,32 --blocks 4 --depth 1 -o resnet_d1.onnx
+    hbll diagnose examples/mnist_resmlp.py:build_model --input-shape 64,784 --blocks 8 --train-steps 20 --png cos.png
 
 Errors: a bad argument or a model hbll-compile refuses ends the command with exit status 2 and a
 one-line message on stderr (``hbll: CaptureError: at input 0: ...``, then the remedy line); the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -185,6 +187,54 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cross_entropy_last_dim(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with the classes on the last dim (logits (B, C) or (B, T, V))."""
+    return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+
+
+_DIAGNOSE_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "cross_entropy": _cross_entropy_last_dim,
+    "mse": torch.nn.functional.mse_loss,
+}
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    """Compile, optionally train a few steps on the example batch, print the gradient report."""
+    from hbll_compile.config import HBLLConfig
+    from hbll_compile.runtime.fidelity import plot_report
+
+    torch.manual_seed(args.seed)  # the factory's initialisation: the same report on every run
+    model = load_factory(args.factory)()
+    inputs = example_inputs(args.input_shape, args.dtype)
+    config = HBLLConfig(inputs=args.inputs, seed=args.seed)
+    m = hbll_compile(model, inputs, blocks=args.blocks, loss=_DIAGNOSE_LOSSES[args.loss], config=config)
+    # a seeded synthetic target shaped like the output: class ids over its last dim, or values for mse
+    shape = (inputs[0].shape[0], *m.boundaries[-1].shape)
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    if args.loss == "cross_entropy":
+        target = torch.randint(0, shape[-1], shape[:-1], generator=generator)
+    else:
+        target = torch.randn(shape, generator=generator)
+    if args.train_steps:
+        optimizer = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        for _ in range(args.train_steps):
+            optimizer.zero_grad(set_to_none=True)
+            m.training_step(*inputs, target=target)
+            optimizer.step()
+    report = m.gradient_report(*inputs, target=target, paths=args.paths)
+    print(report.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+        print(f"report written to {args.json}")
+    if args.png:
+        try:
+            plot_report(report, args.png)
+        except ImportError as err:
+            raise SystemExit(f"error: --png needs matplotlib: {err}") from err
+        print(f"per-block cosines drawn to {args.png}")
+    return 0
+
+
 def _compile_command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
     """A subcommand with the arguments every compiling command takes: factory, inputs, blocks."""
     command = sub.add_parser(name, help=help)
@@ -216,6 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--static-batch", action="store_true", help="fix the batch size to the example's")
     export.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     export.set_defaults(run=_export)
+    diagnose = _compile_command(sub, "diagnose", "compile a model and print its gradient-fidelity report")
+    diagnose.add_argument("--loss", choices=tuple(_DIAGNOSE_LOSSES), default="cross_entropy",
+                          help="task loss; the target is synthetic and seeded (class ids over the output's "
+                               "last dim for cross_entropy)")
+    diagnose.add_argument("--train-steps", type=int, default=0,
+                          help="HBLL training steps (AdamW, lr 1e-3) on the example batch before measuring")
+    diagnose.add_argument("--paths", choices=("couplers", "exact"), default="couplers",
+                          help="paths through the learned couplers, or the exact blocks (self-check: cosine 1)")
+    diagnose.add_argument("--inputs", choices=("wavefront", "tree"), default="wavefront",
+                          help="HBLLConfig.inputs: where block inputs come from")
+    diagnose.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation and the target")
+    diagnose.add_argument("--json", default=None, help="also write the report to this JSON file")
+    diagnose.add_argument("--png", default=None, help="plot the per-block cosines to this PNG file (needs matplotlib)")
+    diagnose.set_defaults(run=_diagnose)
     return parser
 
 

@@ -32,6 +32,7 @@ from hbll_compile.passes.guards import ShapeGuards
 from hbll_compile.passes.lower import bind_state
 from hbll_compile.runtime._batching import blocks_sharing_parameters
 from hbll_compile.runtime.executor import Executor, TaskHook
+from hbll_compile.runtime.fidelity import GradientReport, gradient_report
 from hbll_compile.runtime.trainer import evaluate, fit
 
 __all__ = ["HBLLModel"]
@@ -293,12 +294,16 @@ class HBLLModel(nn.Module):
         checkpoint: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 0,
         resume: bool = False,
-    ) -> dict[str, list[float]]:
+        diagnose_every: int | None = None,
+        diagnose_batch: Sequence[torch.Tensor] | None = None,
+    ) -> dict[str, list[Any]]:
         """Train for ``epochs`` on batches ``(inputs..., target)`` with a rich progress bar (loss,
         steps/s, stage count); default optimizer AdamW(lr=1e-3). Returns the per-epoch history. See
-        :func:`hbll_compile.runtime.trainer.fit` for non-finite handling, checkpoints and resuming."""
+        :func:`hbll_compile.runtime.trainer.fit` for non-finite handling, checkpoints, resuming and
+        ``diagnose_every`` (the :meth:`gradient_report` summary every k steps on one fixed batch)."""
         return fit(self, train_loader, epochs, optimizer, eval_loader, progress=progress, on_nonfinite=on_nonfinite,
-                   checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+                   checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+                   diagnose_every=diagnose_every, diagnose_batch=diagnose_batch)
 
     def depth_flops(self, depth: int | None) -> int:
         """Per-sample FLOPs of ``self(x, depth=depth)`` (the exact chain for ``None``)."""
@@ -323,6 +328,16 @@ class HBLLModel(nn.Module):
             metrics = evaluate(self, loader, depth=d)
             rows.append({"depth": d, "flops": self.depth_flops(d), **metrics})
         return rows
+
+    def gradient_report(
+        self, *inputs: torch.Tensor, target: torch.Tensor, paths: str = "couplers", probes: int = 4, seed: int = 0
+    ) -> GradientReport:
+        """The gradient-fidelity instrument on one batch at the current weights: per block, the cosine
+        and norm ratio of its local gradient against its BP gradient; per coupler, its consistency
+        error and VJP alignment with its exact span. ``paths="exact"`` swaps couplers for exact spans
+        (then cosines are 1: the self-check). Changes no weight, gradient, buffer, RNG or pipeline
+        state. See :mod:`hbll_compile.runtime.fidelity`."""
+        return gradient_report(self, inputs, target, paths=paths, probes=probes, seed=seed)
 
     # -- persistence ---------------------------------------------------------------------------
     def save(

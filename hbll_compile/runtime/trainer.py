@@ -22,6 +22,7 @@ import torch
 
 from hbll_compile._util import device_of
 from hbll_compile.errors import NonFiniteError, TrainingError
+from hbll_compile.runtime.fidelity import gradient_report
 
 __all__ = ["evaluate", "fit", "split_batch", "to_device"]
 
@@ -74,7 +75,9 @@ def fit(
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
-) -> dict[str, list[float]]:
+    diagnose_every: int | None = None,
+    diagnose_batch: Batch | None = None,
+) -> dict[str, list[Any]]:
     """Train with ``model.training_step`` for ``epochs``; returns per-epoch history.
 
     Rules:
@@ -90,6 +93,11 @@ def fit(
       checkpoint is loaded first and training continues from its step, skipping the batches the
       interrupted epoch already consumed: with a loader whose order depends only on the torch RNG,
       the resumed run is bit-identical to an uninterrupted one.
+    - With ``diagnose_every=k`` the history also holds ``"gradient_report"``: the
+      :meth:`~hbll_compile.runtime.fidelity.GradientReport.summary` of a gradient report, with its
+      ``"step"``, before training and after every k steps, always on the same batch
+      (``diagnose_batch``, ``(inputs..., target)``, else the first batch trained on). Steps per second
+      leave the reports' time out.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -101,8 +109,20 @@ def fit(
                             remedy="pass checkpoint='run.safetensors'")
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
     device = device_of(model)
-    history: dict[str, list[float]] = {"loss": [], "eval_loss": [], "eval_accuracy": [], "steps_per_s": [],
-                                       "skipped": []}
+    history: dict[str, list[Any]] = {"loss": [], "eval_loss": [], "eval_accuracy": [], "steps_per_s": [],
+                                     "skipped": []}
+    fixed = split_batch(to_device(diagnose_batch, device)) if diagnose_batch is not None else None
+    if diagnose_every is not None:
+        history["gradient_report"] = []
+
+    def diagnose(step: int) -> float:
+        """Record a report; returns its seconds, which steps/s leaves out."""
+        assert fixed is not None
+        began = time.perf_counter()
+        report = gradient_report(model, fixed[0], fixed[1])
+        history["gradient_report"].append({"step": step, **report.summary()})
+        return time.perf_counter() - began
+
     total = len(train_loader) if isinstance(train_loader, Sized) else None
     done = 0
     rng_epoch = rng_now = torch.get_rng_state()
@@ -138,6 +158,9 @@ def fit(
                         torch.set_rng_state(rng_now)
                     continue
                 inputs, target = split_batch(to_device(batch, device))
+                if diagnose_every is not None and not history["gradient_report"]:
+                    fixed = fixed if fixed is not None else (inputs, target)
+                    start += diagnose(step)
                 optimizer.zero_grad(set_to_none=True)
                 try:
                     loss = model.training_step(*inputs, target=target)
@@ -151,6 +174,8 @@ def fit(
                         losses.append(float(loss))
                 step += 1
                 steps += 1
+                if diagnose_every is not None and step % diagnose_every == 0:
+                    start += diagnose(step)
                 if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
                     _save(model, checkpoint, optimizer, step, rng_epoch)
                 rate = steps / (time.perf_counter() - start)
