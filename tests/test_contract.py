@@ -268,7 +268,7 @@ def assert_one_line_error(rc: int, err: str, expected: str) -> None:
     (["--input-shape", "4,8", "--dtype", "float99"], "error: argument --dtype: unknown dtype 'float99'"),
     (["--input-shape", "4,8", "--blocks", "2.5"], "error: argument --blocks: invalid int value: '2.5'"),
     (["--input-shape", "4,7"], "CaptureError: at module '0' (Linear): the model fails on its example inputs"),
-    (["--input-shape", "4,8", "--blocks", "0"], "CutError: blocks must be at least 1"),
+    (["--input-shape", "4,8", "--blocks", "0"], "CutError: at blocks: blocks must be at least 1"),
 ])
 def test_cli_bad_arguments_give_one_line_and_rc_2(factory_file: Path, argv: list[str], expected: str) -> None:
     rc, _, err = run_cli("inspect", f"{factory_file}:mlp", *argv)

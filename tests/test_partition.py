@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ZOO
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import ZOO
 from torch import nn
 
 import hbll_compile as hc

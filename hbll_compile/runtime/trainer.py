@@ -104,6 +104,9 @@ def fit(
     if on_nonfinite not in ("raise", "skip"):
         raise TrainingError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}", node="on_nonfinite",
                             remedy="pass 'raise' or 'skip'")
+    if diagnose_every is not None and diagnose_every < 1:
+        raise TrainingError(f"diagnose_every must be >= 1, got {diagnose_every}", node="diagnose_every",
+                            remedy="pass a step interval such as diagnose_every=10, or None to skip reports")
     if (checkpoint_every or resume) and checkpoint is None:
         raise TrainingError("checkpoint_every and resume need a checkpoint path", node="checkpoint",
                             remedy="pass checkpoint='run.safetensors'")
