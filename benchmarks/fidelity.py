@@ -29,31 +29,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
-
-class GeluBlock(nn.Module):
-    """A residual GELU MLP block with a 2x hidden layer and no inner normalisation."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(width, 2 * width)
-        self.fc2 = nn.Linear(2 * width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(F.gelu(self.fc1(x)))
-
-
-class LNHeadMLP(nn.Module):
-    """The LN-before-head variant: stem, ``depth`` GeluBlocks, LayerNorm, linear head."""
-
-    def __init__(self, width: int = 256, depth: int = 16, classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Linear(784, width)
-        self.blocks = nn.Sequential(*[GeluBlock(width) for _ in range(depth)])
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.blocks(self.stem(x.flatten(1)))))
+from accuracy import ResMLPLN  # noqa: E402  (benchmarks/ is this script's own folder)
 
 
 def build(name: str) -> nn.Module:
@@ -61,7 +37,7 @@ def build(name: str) -> nn.Module:
         from mnist_resmlp import build_model
 
         return build_model()  # ResMLP(width=256, depth=16), as in BENCHMARKS.md
-    return LNHeadMLP()
+    return ResMLPLN()  # the same network as accuracy.py's resmlp_ln suite
 
 
 def run(name: str, n: int, epochs: int, seed: int, config: dict[str, Any], every: int, batch: int) -> dict[str, Any]:
