@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from hbll_compile import _checkpoint
+from hbll_compile._checkpoint import PIPELINE_PREFIX, load_into, read_settings, restore_optimizer, write
 from hbll_compile._pipeline import Parts, run_passes
 from hbll_compile._util import device_of, first_line, lookup
 from hbll_compile.config import HBLLConfig
@@ -112,13 +112,13 @@ class HBLLModel(nn.Module):
         ordinary checkpointing (``torch.save(m.state_dict())``, :meth:`save`) resumes exactly."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for key, value in self._executor.pipeline_state().items():
-            destination[f"{prefix}{_checkpoint.PIPELINE_PREFIX}{key}"] = value if keep_vars else value.detach()
+            destination[f"{prefix}{PIPELINE_PREFIX}{key}"] = value if keep_vars else value.detach()
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
         missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
     ) -> None:
-        start = f"{prefix}{_checkpoint.PIPELINE_PREFIX}"
+        start = f"{prefix}{PIPELINE_PREFIX}"
         pipeline = {k.removeprefix(start): state_dict.pop(k) for k in [k for k in state_dict if k.startswith(start)]}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -350,7 +350,7 @@ class HBLLModel(nn.Module):
         :meth:`restore_optimizer` the optimizer; :meth:`load_checkpoint` loads it into this model."""
         settings = {"blocks": len(self.blocks), "config": self.config.to_dict(),
                     "example_inputs": self.report.example_inputs}
-        _checkpoint.write(self, path, settings, optimizer, extra)
+        write(self, path, settings, optimizer, extra)
 
     def load_checkpoint(
         self, path: str | os.PathLike[str], optimizer: torch.optim.Optimizer | None = None
@@ -361,9 +361,9 @@ class HBLLModel(nn.Module):
         Raises:
             CompileError: the file is corrupt or does not fit this model or optimizer.
         """
-        extra = _checkpoint.load_into(self, path)
+        extra = load_into(self, path)
         if optimizer is not None:
-            _checkpoint.restore_optimizer(optimizer, path)
+            restore_optimizer(optimizer, path)
         return extra
 
     @staticmethod
@@ -374,7 +374,7 @@ class HBLLModel(nn.Module):
         Raises:
             CompileError: the file holds no optimizer state, or it does not fit ``optimizer``.
         """
-        _checkpoint.restore_optimizer(optimizer, path)
+        restore_optimizer(optimizer, path)
 
     @classmethod
     def load(
@@ -392,7 +392,7 @@ class HBLLModel(nn.Module):
             >>> x = torch.randn(3, 4); torch.equal(hc.HBLLModel.load(path, factory)(x), m(x))
             True
         """
-        settings = _checkpoint.read_settings(path)
+        settings = read_settings(path)
         if not callable(model_factory):
             raise CompileError(f"model_factory must be callable, got {type(model_factory).__name__}",
                                node="model_factory", remedy="pass the function that builds the saved model")
@@ -404,7 +404,7 @@ class HBLLModel(nn.Module):
         config = HBLLConfig.from_dict(settings["config"])
         compiled = cls(model, run_passes(model, examples, blocks=settings["blocks"], config=config),
                        loss=loss, config=config)
-        _checkpoint.load_into(compiled, path)
+        load_into(compiled, path)
         return compiled
 
     # -- inspection ----------------------------------------------------------------------------

@@ -50,6 +50,8 @@ from torch import nn
 from hbll_compile._util import lookup
 from hbll_compile.errors import CutError
 
+__all__ = ["GraphView", "build_graph", "op_name"]
+
 
 @dataclass
 class GraphView:
