@@ -15,6 +15,7 @@ from hbll_compile.errors import (
     CaptureError,
     CompileError,
     CutError,
+    DistributedError,
     ExportError,
     LoweringError,
     NonFiniteError,
@@ -22,11 +23,14 @@ from hbll_compile.errors import (
 )
 from hbll_compile.export import ExportReport, export_onnx, export_training_artifacts
 from hbll_compile.model import HBLLModel
+from hbll_compile.runtime.distributed import DistributedHBLL, distribute
 
 __all__ = [
     "CaptureError",
     "CompileError",
     "CutError",
+    "DistributedError",
+    "DistributedHBLL",
     "ExportError",
     "ExportReport",
     "HBLLConfig",
@@ -34,6 +38,7 @@ __all__ = [
     "LoweringError",
     "NonFiniteError",
     "TrainingError",
+    "distribute",
     "export_onnx",
     "export_training_artifacts",
     "hbll_compile",

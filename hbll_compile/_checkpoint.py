@@ -34,7 +34,7 @@ __all__ = ["load_into", "read_settings", "restore_optimizer", "write"]
 
 _SETTINGS, _CHECKSUM, _OPTIMIZER = "hbll", "hbll.sha256", "hbll.optimizer"
 """Metadata keys: the compile settings (JSON), the tensors' checksum, the optimizer's non-tensor state."""
-_OPT_PREFIX, _EXTRA_PREFIX = "optimizer.", "extra."
+_OPT_PREFIX, _EXTRA_PREFIX, _PIPELINE_PREFIX = "optimizer.", "extra.", "pipeline."
 
 
 def write(
@@ -79,8 +79,9 @@ def load_into(module: nn.Module, path: str | os.PathLike[str]) -> dict[str, torc
     _, tensors = _read(path, tensors=True)
     state = {k: v for k, v in tensors.items() if not k.startswith((_OPT_PREFIX, _EXTRA_PREFIX))}
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    # the training pipeline's tensors (``pipeline.*``) depend on how far training got, not on the model
+    missing = sorted(k for k in set(own) - set(state) if not k.startswith(_PIPELINE_PREFIX))
+    unexpected = sorted(k for k in set(state) - set(own) if not k.startswith(_PIPELINE_PREFIX))
     reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or reshaped:
         parts = [f"{label}: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
@@ -138,7 +139,7 @@ def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
