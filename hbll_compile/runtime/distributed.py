@@ -36,8 +36,13 @@ Example (placement only; a run needs torchrun):
     >>> net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)])
     >>> m = hc.hbll_compile(net, (torch.randn(2, 8),), blocks=6, loss=torch.nn.functional.mse_loss)
     >>> p = place(m, ranks=4)
-    >>> p.first, p.last, p.unit_rank(Unit.coupler(0))
+    >>> p.first, p.last, p.owner(m)(Unit.coupler(0))
     ((1, 3, 5, 6), (2, 4, 5, 6), 3)
+    >>> plans = plan(m, p)
+    >>> plans[1].boundaries  # block 3 reads h2; a coupler ending in rank 1's blocks reads h1
+    {0: (1, 2)}
+    >>> sorted(plans[0].replicas)  # ranks whose units rank 0's path losses evaluate
+    [1, 3]
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ from hbll_compile.runtime.schedule import Carry, Task, TaskKind, Unit, UnitKind,
 if TYPE_CHECKING:  # the runtime does not import the model layer; this is for type checkers only
     from hbll_compile.model import HBLLModel
 
-__all__ = ["DistributedHBLL", "Placement", "distribute", "place"]
+__all__ = ["DistributedHBLL", "Placement", "RankPlan", "distribute", "place", "plan"]
 
 _TAG_HEADER, _TAG_H, _TAG_STATE, _TAG_GRAD = 11, 12, 13, 14
 """Point-to-point tags: messages of one kind between two ranks arrive in the order they were sent."""
@@ -96,13 +101,14 @@ class Placement:
         """The rank that owns block i."""
         return next(r for r, last in enumerate(self.last) if i <= last)
 
-    def unit_rank(self, unit: Unit, spans: dict[int, tuple[int, int]] | None = None) -> int:
-        """The rank that owns ``unit``; a coupler needs its node's span, from ``spans`` or the root
-        (node 0, span (0, N))."""
-        if unit.kind is UnitKind.COUPLER:
-            span = (spans or {}).get(unit.id, (0, self.last[-1]))
-            return self.block_rank(span[1])
-        return self.block_rank(unit.id)
+    def owner(self, m: HBLLModel) -> Callable[[Unit], int]:
+        """``owner(unit)``: the rank that owns a unit of ``m`` (a coupler: the rank of its span's right end)."""
+        right_end = {v.id: v.span[1] for v in m.tree.nodes}
+
+        def rank_of(unit: Unit) -> int:
+            return self.block_rank(right_end[unit.id] if unit.kind is UnitKind.COUPLER else unit.id)
+
+        return rank_of
 
 
 def place(m: HBLLModel, ranks: int) -> Placement:
@@ -123,6 +129,55 @@ def place(m: HBLLModel, ranks: int) -> Placement:
         last=tuple(bounds[1:]),
         flops=tuple(float(sum(s.sample_flops for s in m.specs[a:b])) for a, b in zip(bounds, bounds[1:])),
     )
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """What one rank owns and receives each step (a pure function of the model and the placement)."""
+
+    owned: list[str]
+    """Canonical state-dict names of the tensors of its units (tied ones are owned by every holder)."""
+    boundaries: dict[int, tuple[int, ...]]
+    """Producer rank -> the boundaries j its tasks read from that rank."""
+    replicas: dict[int, list[str]]
+    """Sender rank -> the tensors it needs as frozen replicas (sender: the lowest-ranked owner)."""
+    replica_bytes: int
+
+    def describe_boundaries(self) -> str:
+        return "; ".join(f"h{','.join(map(str, js))} from {p}" for p, js in sorted(self.boundaries.items())) or "-"
+
+    def describe_replicas(self) -> str:
+        return "; ".join(f"{len(names)} tensors from {p}" for p, names in sorted(self.replicas.items())) or "-"
+
+
+def plan(m: HBLLModel, placement: Placement) -> list[RankPlan]:
+    """Every rank's :class:`RankPlan`: which boundaries its tasks read from which rank, and which tensors
+    of units other ranks own its updates evaluate (its unit, fused head, path, and the block 1 or tail
+    a coupler runs)."""
+    owner = placement.owner(m)
+    names, tensors, owners = _tensor_owners(m, placement)
+    order = list(names.values())
+    needs: list[set[str]] = [set() for _ in range(placement.ranks)]
+    reads: list[dict[int, set[int]]] = [{} for _ in range(placement.ranks)]
+    for task in m.schedule.tasks():
+        r = owner(task.unit)
+        for value in task.reads:
+            if value.name == "h" and value.boundary is not None and placement.block_rank(value.boundary) != r:
+                reads[r].setdefault(placement.block_rank(value.boundary), set()).add(value.boundary)
+        needs[r] |= {names[id(t)] for t in _task_tensors(m, task) if id(t) in names}
+    plans = []
+    for r in range(placement.ranks):
+        replicas: dict[int, list[str]] = {}
+        for name in order:
+            if name in needs[r] and r not in owners[name]:
+                replicas.setdefault(min(owners[name]), []).append(name)
+        plans.append(RankPlan(
+            owned=[n for n in order if r in owners[n]],
+            boundaries={p: tuple(sorted(js)) for p, js in sorted(reads[r].items())},
+            replicas=replicas,
+            replica_bytes=sum(tensors[n].numel() * tensors[n].element_size() for ns in replicas.values() for n in ns),
+        ))
+    return plans
 
 
 class _Pending:
@@ -149,12 +204,11 @@ class DistributedHBLL(nn.Module):
         self._device = next(iter(model.state_dict().values())).device
         self._comm = torch.device("cpu") if dist.get_backend() == "gloo" else self._device
         self._store = _default_store()
-        spans = {v.id: v.span for v in model.tree.nodes}
-        self._owner = lambda unit: placement.unit_rank(unit, spans)
+        self._owner = placement.owner(model)
         self._executor = Executor(model.schedule, model, owns=lambda task: self._owner(task.unit) == self.rank)
         self._executor.load_pipeline_state({k.removeprefix("pipeline."): v for k, v in model.state_dict().items()
                                             if k.startswith("pipeline.")})  # continue where m stands
-        self._names, self._tensors, self._owners = _tensor_owners(model, self._owner)
+        self._names, self._tensors, self._owners = _tensor_owners(model, placement)
         self._canonical = {name: self._names[id(t)] for name, t in model.state_dict(keep_vars=True).items()
                            if id(t) in self._names and name != self._names[id(t)]}
         self._plan_exchanges()
@@ -166,36 +220,16 @@ class DistributedHBLL(nn.Module):
         self._post_refresh()
         self._apply_refresh()
 
-    # -- what travels where (the same on every rank: a function of the model and the placement) ------
     def _plan_exchanges(self) -> None:
-        m, me = self.model, self.rank
-        tasks = m.schedule.tasks()
-        producer = {j: self.placement.block_rank(j) for j in range(1, len(m.blocks) + 1)}
-        reads: dict[int, set[int]] = {}  # boundary -> ranks that read it
-        needs: dict[int, set[str]] = {r: set() for r in range(self.world)}  # rank -> tensor names its tasks use
-        for task in tasks:
-            r = self._owner(task.unit)
-            for value in task.reads:
-                if value.name == "h" and value.boundary is not None:
-                    reads.setdefault(value.boundary, set()).add(r)
-            needs[r] |= {self._names[id(t)] for t in _task_tensors(m, task) if id(t) in self._names}
-        self._h_out = {q: tuple(j for j in sorted(reads) if producer[j] == me and q in reads[j])
-                       for q in range(self.world) if q != me}
-        self._h_in = {p: tuple(j for j in sorted(reads) if producer[j] == p and me in reads[j])
-                      for p in range(self.world) if p != me}
-        self._h_out = {q: js for q, js in self._h_out.items() if js}
-        self._h_in = {p: js for p, js in self._h_in.items() if js}
-        order = list(self._names.values())
-        sender = {name: min(owners) for name, owners in self._owners.items()}
-        self._state_out = {q: [n for n in order if n in needs[q] and q not in self._owners[n] and sender[n] == me]
-                           for q in range(self.world) if q != me}
-        self._state_in = {p: [n for n in order if n in needs[me] and me not in self._owners[n] and sender[n] == p]
-                          for p in range(self.world) if p != me}
-        self._state_out = {q: names for q, names in self._state_out.items() if names}
-        self._state_in = {p: names for p, names in self._state_in.items() if names}
-        self._tied = [n for n in order if len(self._owners[n]) > 1 and me in self._owners[n]
-                      and isinstance(self._tensor(n), nn.Parameter)]
-        self._owned = [n for n in order if me in self._owners[n]]
+        """This rank's sends are the other ranks' receives from it: every rank computes every plan."""
+        me = self.rank
+        self.plans = plan(self.model, self.placement)
+        mine = self.plans[me]
+        self._h_in, self._state_in = mine.boundaries, mine.replicas
+        self._h_out = {q: p.boundaries[me] for q, p in enumerate(self.plans) if me in p.boundaries}
+        self._state_out = {q: p.replicas[me] for q, p in enumerate(self.plans) if me in p.replicas}
+        self._tied = [n for n in mine.owned if len(self._owners[n]) > 1 and isinstance(self._tensor(n), nn.Parameter)]
+        self._owned = mine.owned
 
     def _tensor(self, name: str) -> torch.Tensor:
         return self._tensors[name]
@@ -385,32 +419,10 @@ class DistributedHBLL(nn.Module):
             heads = [k for k in m.heads.keys() if self._owner(Unit.head(int(k))) == r]
             blocks = f"{p.first[r]}" if p.first[r] == p.last[r] else f"{p.first[r]}..{p.last[r]}"
             table.add_row(str(r), blocks, f"{p.flops[r]:,.0f}", ", ".join(couplers) or "-", ", ".join(heads) or "-",
-                          *(("; ".join(items) or "-") for items in self._inbound(r)))
+                          self.plans[r].describe_boundaries(), self.plans[r].describe_replicas())
         console = Console(width=140, record=True, file=io.StringIO())
         console.print(table)
         return console.export_text()
-
-    def _inbound(self, r: int) -> tuple[list[str], list[str]]:
-        """What rank r receives: boundaries by producer, replica tensor counts by sender (from the plan
-        every rank computes alike; only this rank's own plan is kept, so others are recomputed)."""
-        boundaries: dict[int, list[int]] = {}
-        replicas: dict[int, int] = {}
-        for task in self.model.schedule.tasks():
-            if self._owner(task.unit) != r:
-                continue
-            for value in task.reads:
-                if value.name == "h" and value.boundary is not None:
-                    src = self.placement.block_rank(value.boundary)
-                    if src != r and value.boundary not in boundaries.setdefault(src, []):
-                        boundaries[src].append(value.boundary)
-        needed = {self._names[id(t)] for task in self.model.schedule.tasks() if self._owner(task.unit) == r
-                  for t in _task_tensors(self.model, task) if id(t) in self._names}
-        for name in needed:
-            if r not in self._owners[name]:
-                src = min(self._owners[name])
-                replicas[src] = replicas.get(src, 0) + 1
-        return ([f"h{','.join(map(str, sorted(js)))} from {src}" for src, js in sorted(boundaries.items())],
-                [f"{count} tensors from {src}" for src, count in sorted(replicas.items())])
 
     # -- transport with timeouts and failure attribution -------------------------------------------------
     def _isend(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> _Pending:
@@ -567,10 +579,11 @@ def _task_tensors(m: HBLLModel, task: Task) -> list[torch.Tensor]:
 
 
 def _tensor_owners(
-    m: HBLLModel, owner: Callable[[Unit], int]
+    m: HBLLModel, placement: Placement
 ) -> tuple[dict[int, str], dict[str, torch.Tensor], dict[str, set[int]]]:
     """Canonical names of every unit tensor (its first state-dict name: the same order on every rank), the
     tensors by name, and the ranks owning a unit that holds each."""
+    owner = placement.owner(m)
     names: dict[int, str] = {}
     for name, t in m.state_dict(keep_vars=True).items():
         if not name.startswith("pipeline."):
