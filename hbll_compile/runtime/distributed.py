@@ -19,14 +19,16 @@ Rules:
   tail) as frozen maps. Their tensors (parameters and buffers) are sent by their owner every
   ``sync_every`` steps, before the step's compute; with ``sync_every=1`` every update sees the weights
   after the previous optimizer step, exactly as in one process. With ``sync_every=k > 1`` the refresh
-  posted at step t is applied at step t+1, overlapping the transfer with step t's compute.
+  posted at the start of step t is applied when step t's compute is done, so the transfer overlaps it.
 - **Tied weights.** A tensor held by units on several ranks (a GPT's embedding and output head) is
   owned by all of them; after each step its owners exchange gradients and each sums them in rank
   order, so identical optimizers keep the copies identical. No other gradient ever crosses a rank.
 - **Faults.** Every wait has a timeout. A rank that raises records itself as failed in the process
-  group's store; a rank whose wait fails or times out records the peer it waited on (unless a failure
-  was already recorded) and raises :class:`~hbll_compile.errors.DistributedError` naming the recorded
-  rank. After a failure the object refuses further steps.
+  group's store; a rank whose wait fails or times out records the rank whose process on this host is
+  gone, else the peer it waited on (unless a failure was already recorded), and raises
+  :class:`~hbll_compile.errors.DistributedError` naming the recorded rank. Under torchrun, whose agent
+  stops every rank with SIGTERM when one fails, that signal raises the same error (a second SIGTERM
+  gets the previous handler). After a failure the object refuses further steps.
 
 Only HBLL in wavefront mode (``HBLLConfig(objective="hbll", inputs="wavefront")``, the default)
 distributes: tree mode has dependent stages inside a step.
@@ -50,10 +52,14 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -79,7 +85,7 @@ _SLOT = 3 + _MAX_DIMS
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool)
 _FAILED = "hbll_compile/failed"
 """Store key holding ``"<rank>|<reason>"`` of the first failure anyone recorded."""
-_GRACE_S = 3.0
+_GRACE_S = 0.5
 """How long a rank whose wait failed looks for a root cause another rank recorded before blaming its peer."""
 
 
@@ -195,6 +201,8 @@ class DistributedHBLL(nn.Module):
     ``m.training_step`` returns in one process once the pipeline is full).
     """
 
+    model: HBLLModel
+
     def __init__(self, model: HBLLModel, placement: Placement, *, sync_every: int, timeout: float) -> None:
         super().__init__()
         object.__setattr__(self, "model", model)  # not a submodule: parameters() is this rank's share only
@@ -214,9 +222,12 @@ class DistributedHBLL(nn.Module):
         self._plan_exchanges()
         self._incoming: list[tuple[int, tuple[int, ...], torch.Tensor, _Pending]] = []
         self._sends: list[_Pending] = []
-        self._refresh: list[tuple[list[torch.Tensor], list[torch.Tensor], _Pending]] = []
+        self._refresh: list[tuple[list[torch.Tensor], torch.Tensor, _Pending]] = []
         self._broken: str | None = None
         self._check_same_model()
+        self._previous_sigterm: Any = signal.SIG_DFL
+        if "TORCHELASTIC_RUN_ID" in os.environ and threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_launcher_stop)
         self._post_refresh()
         self._apply_refresh()
 
@@ -333,13 +344,13 @@ class DistributedHBLL(nn.Module):
         for peer, names in self._state_in.items():
             for group in _by_dtype([self._tensor(n) for n in names]):
                 flat = torch.empty(sum(t.numel() for t in group), dtype=group[0].dtype, device=self._comm)
-                self._refresh.append((group, [flat], self._irecv(flat, peer, _TAG_STATE, "receiving weights")))
+                self._refresh.append((group, flat, self._irecv(flat, peer, _TAG_STATE, "receiving weights")))
 
     def _apply_refresh(self) -> None:
         pending, self._refresh = self._refresh, []
         self._wait([p for *_, p in pending], "receiving weights")
         with torch.no_grad():
-            for group, (flat,), _ in pending:
+            for group, flat, _ in pending:
                 for t, part in zip(group, flat.split([t.numel() for t in group])):
                     t.copy_(part.view_as(t))
 
@@ -448,7 +459,8 @@ class DistributedHBLL(nn.Module):
         """The error for a failed wait: the first failure any rank recorded, else ``peer`` (recorded now)."""
         culprit = self._recorded(_GRACE_S)
         if culprit is None:
-            blamed = peer if peer is not None else -1
+            dead = self._dead_peer()
+            blamed = dead if dead is not None else peer if peer is not None else -1
             reason = f"it stopped answering while rank {self.rank} was {what} ({first_line(err)})"
             self._record(blamed, reason)
             culprit = (blamed, reason)
@@ -471,6 +483,31 @@ class DistributedHBLL(nn.Module):
         except Exception:  # noqa: BLE001 - the store lived on the failed rank; peers then blame their peer
             pass
 
+    def _dead_peer(self) -> int | None:
+        """The first other rank whose process on this host is gone (or a zombie); None if none is known."""
+        host = socket.gethostname()
+        for r, (their_host, pid) in enumerate(self._processes):
+            if r != self.rank and their_host == host:
+                try:
+                    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                except OSError:
+                    return r
+                if state in ("Z", "X"):
+                    return r
+        return None
+
+    def _on_launcher_stop(self, signum: int, frame: object) -> None:
+        """torchrun stops every rank (SIGTERM) when one fails: turn that into the DistributedError naming
+        the failed rank; a second SIGTERM gets the previous handler."""
+        signal.signal(signal.SIGTERM, self._previous_sigterm)
+        recorded = self._recorded(0.0)
+        rank = recorded[0] if recorded else self._dead_peer()
+        who = f"rank {rank}" if rank is not None and rank >= 0 else "another rank"
+        self._broken = f"{who} failed and torchrun stopped rank {self.rank}"
+        raise DistributedError(self._broken + (f": {recorded[1]}" if recorded else ""), node=who,
+                               remedy="see that rank's own error; restart every rank (e.g. from the last "
+                               "dm.save checkpoint)")
+
     def _recorded(self, grace: float) -> tuple[int, str] | None:
         deadline = time.monotonic() + grace
         while True:
@@ -485,14 +522,16 @@ class DistributedHBLL(nn.Module):
             time.sleep(0.1)
 
     def _check_same_model(self) -> None:
-        """Refuse ranks whose compiled models differ (tensor names, shapes, blocks)."""
+        """Refuse ranks whose compiled models differ (tensor names, shapes, blocks); learn where each rank's
+        process runs (host, pid), to tell which one died."""
         mine = (len(self.model.blocks), [(n, tuple(self._tensor(n).shape)) for n in self._names.values()])
         every: list[Any] = [None] * self.world
         try:
-            dist.all_gather_object(every, mine)
+            dist.all_gather_object(every, (mine, (socket.gethostname(), os.getpid())))
         except Exception as err:  # noqa: BLE001
             raise self._failure(None, "comparing the compiled models", err) from err
-        for r, theirs in enumerate(every):
+        self._processes = [process for _, process in every]
+        for r, (theirs, _) in enumerate(every):
             if theirs != mine:
                 raise DistributedError(f"rank {r} compiled a different model than rank {self.rank}", node=f"rank {r}",
                                        remedy="build and compile the same model with the same blocks on every rank")
