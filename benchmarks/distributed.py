@@ -101,8 +101,8 @@ def _time_steps(step: Callable[[], object], warmup: int, steps: int, sync: Calla
     return statistics.median(times)
 
 
-def single_process(args: argparse.Namespace, objective: str) -> float:
-    torch.set_num_threads(2)
+def single_process(args: argparse.Namespace, objective: str, threads: int = 2) -> float:
+    torch.set_num_threads(threads)
     net, (x, y) = _build(args), _batch(args)
     if objective == "bp":
         opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_measure:
         measured["bp"] = single_process(args, "bp")
         measured["hbll"] = single_process(args, "hbll")
+        measured["bp, 1 thread"] = single_process(args, "bp", threads=1)  # shows what oversubscription costs
+        measured["hbll, 1 thread"] = single_process(args, "hbll", threads=1)
         for mode in ("gpipe", "1f1b", "hbll-dist"):
             measured[mode] = two_ranks(args, mode)
         print("\n| run | ms/step | vs BP (2 threads) |\n| --- | ---: | ---: |")

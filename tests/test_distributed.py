@@ -234,3 +234,25 @@ def test_tree_mode_and_too_many_ranks_are_refused() -> None:
         hc.distribute(compile_case("mlp", 2, inputs="tree"))
     with pytest.raises(hc.DistributedError, match="3 ranks cannot share 2 blocks"):
         place(compile_case("mlp", 2), 3)
+
+
+@pytest.mark.slow
+def test_example_runs_under_torchrun(tmp_path: Path) -> None:
+    """The README's launch line, for real: torchrun's agent, store and environment."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    saved = tmp_path / "m.safetensors"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "examples/distributed_resmlp.py",
+         "--limit", "512", "--depth", "4", "--blocks", "4", "--width", "32", "--save", str(saved)],
+        cwd=root, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "held-out accuracy after 4 steps on 2 ranks" in run.stdout
+    from mnist_resmlp import build_model
+
+    loaded = hc.HBLLModel.load(saved, lambda: build_model(32, 4), loss=torch.nn.functional.cross_entropy)
+    assert int(loaded.state_dict()["pipeline.steps"]) == 4
