@@ -15,6 +15,7 @@ from hbll_compile.errors import (
     CaptureError,
     CompileError,
     CutError,
+    DistributedError,
     ExportError,
     GuardError,
     LoweringError,
@@ -23,11 +24,14 @@ from hbll_compile.errors import (
 )
 from hbll_compile.export import ExportReport, export_onnx, export_training_artifacts
 from hbll_compile.model import HBLLModel
+from hbll_compile.runtime.distributed import DistributedHBLL, distribute
 
 __all__ = [
     "CaptureError",
     "CompileError",
     "CutError",
+    "DistributedError",
+    "DistributedHBLL",
     "ExportError",
     "ExportReport",
     "GuardError",
@@ -36,6 +40,7 @@ __all__ = [
     "LoweringError",
     "NonFiniteError",
     "TrainingError",
+    "distribute",
     "export_onnx",
     "export_training_artifacts",
     "hbll_compile",

@@ -13,6 +13,7 @@ __all__ = [
     "CaptureError",
     "CompileError",
     "CutError",
+    "DistributedError",
     "ExportError",
     "LoweringError",
     "NonFiniteError",
@@ -65,6 +66,11 @@ class TrainingError(CompileError):
 
 class NonFiniteError(TrainingError):
     """A training step met a non-finite loss or gradient; it names the unit and what was non-finite."""
+
+
+class DistributedError(CompileError):
+    """A distributed run cannot start or go on: no process group, a placement that does not fit, or a
+    rank that raised, died or stopped answering (``node`` names that rank)."""
 
 
 class ExportError(CompileError):
