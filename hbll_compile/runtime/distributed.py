@@ -128,7 +128,7 @@ def place(m: HBLLModel, ranks: int) -> Placement:
         raise DistributedError(f"{ranks} ranks cannot share {n} blocks: every rank needs at least one block",
                                node="world_size", remedy=f"compile with blocks >= {ranks}, or launch at most {n} ranks")
     costs = [max(1, round(spec.sample_flops)) for spec in m.specs]
-    cuts = choose_cuts(costs, list(range(1, n)), ranks).cuts
+    cuts = choose_cuts(costs, list(range(1, n)), ranks, [True] * n).cuts  # every block owns a parameter
     bounds = (0, *cuts, n)
     return Placement(
         first=tuple(a + 1 for a in bounds[:-1]),
