@@ -42,32 +42,27 @@ class HBLLConfig:
         corrections: K, the number of correction sweeps in tree mode.
         correction: ``"parareal"`` or ``"jacobi"`` correction sweeps.
         coupler_cost: each coupler's FLOP budget, as a fraction of the FLOPs of the blocks it stands in
-            for. Measured on MNIST (BENCHMARKS.md), 0.05 trained as well as 0.25, 1 or 2 and keeps one
-            HBLL step under 2x BP's FLOPs, so it is the default; raise it for better shallow subnetworks.
+            for. Raising it buys better shallow subnetworks for more work per step (default chosen by
+            measurement: BENCHMARKS.md, "Departures").
         coupler_layers: additive coupling layers per coupler.
         coupler_gain: output scale of the couplers' residual nets (see
             :class:`~hbll_compile.nn.coupling.AdditiveCoupling`). The optimizer is shared with the
             blocks; under Adam-type optimizers a gain g makes couplers learn g times faster, so they
-            keep up with the blocks they stand for. Measured on MNIST (BENCHMARKS.md), 4 closed most
-            of the gap to BP left at gain 1, and did better than 8.
+            keep up with the blocks they stand for (default chosen by measurement: BENCHMARKS.md).
         output_tail: what a coupler whose span ends at the model output runs exactly after its
             learned part. ``"auto"`` (default): the model's head from the head cut on (see
-            :mod:`~hbll_compile.passes.graph`): usually the final linear layer, together with any
+            :mod:`~hbll_compile.passes.graph`): usually the final linear layer together with any
             normalisation it reads (a final LayerNorm, BatchNorm or hand-written RMSNorm, and the
-            ReLU or pooling after it), which couplers cannot stand in for (measured on MNIST, issue
-            12, N=16: a residual MLP with a LayerNorm before its head reached 59.0% with the tail
-            after the LayerNorm, 88.5% with it inside, 92.7% for backprop); and all of block N when
+            ReLU or pooling after it), which couplers cannot stand in for; and all of block N when
             the value entering the head is a sequence (T, D), where couplers are per-token maps that
-            cannot model attention (char-GPT: perplexity 7.22 with the whole block, 9.11 with the
-            head alone). ``"head"``: block N from
-            its last legal cut on, even after a normalisation (the rule before issue 12). ``"block"``:
-            all of block N. The head keeps a step under 2x BP's FLOPs on networks whose last block
-            holds real layers.
+            cannot model attention. ``"head"``: block N from its last legal cut on, even after a
+            normalisation. ``"block"``: all of block N. A short tail keeps a step cheap on networks
+            whose last block holds real layers. Measurements behind the rule: BENCHMARKS.md (issue 12).
         local_head_weight: weight λ of the local-head losses (0 disables heads under ``"hbll"``).
         consistency_weight: weight of each coupler's consistency term ``‖C_v(h_a) − sg(h_b)‖²``.
         coupler_path_weight: weight of the task loss through a coupler's own path. DESIGN §2 adds it
-            (weight 1); measured on MNIST it made couplers better classifiers but worse models of
-            the blocks they stand for, and cost accuracy, so the default is 0 (BENCHMARKS.md).
+            with weight 1; the default is 0, because the term made couplers better classifiers but
+            worse models of the blocks they stand for (BENCHMARKS.md, "Departures").
         seed: seeds the initialisation of couplers and heads, so compiling twice gives the same model.
         executor: ``"loop"`` runs the tasks of a stage one after another; ``"batched"`` runs the block
             updates of structurally identical blocks in one stage as one ``torch.func.vmap`` over

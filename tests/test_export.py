@@ -256,6 +256,25 @@ def test_executor_and_export_train_every_unit_alike(config: dict) -> None:
     assert set(checked) == set(u.name for u in units.values())
 
 
+class _Bessel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.special.bessel_j0(self.a(x)))
+
+
+def test_an_unsupported_op_is_named_in_one_clean_message(tmp_path: Path) -> None:
+    m = hc.hbll_compile(_Bessel(), (torch.randn(4, 8),), blocks=2)
+    with pytest.raises(ExportError) as info:
+        hc.export_onnx(m, tmp_path / "m.onnx")
+    err = info.value
+    assert "bessel_j0" in err.node and "cannot convert" in err.reason and "bessel_j0" in err.remedy
+    assert "\x1b[" not in str(err) and "dynamic" not in err.remedy
+    assert "Next steps" not in str(err)
+
+
 def test_training_artifacts_need_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime.training", None)
     with pytest.raises(ExportError) as info:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from hbll_compile._util import device_of, first_line, max_abs_diff, quiet, rando
 from hbll_compile.errors import ExportError
 from hbll_compile.model import HBLLModel
 
-__all__ = ["ExportReport", "default_inputs", "export_onnx", "require", "resize_batch"]
+__all__ = ["ExportReport", "default_inputs", "export_onnx", "require", "resize_batch", "unsupported_ops"]
 
 EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")
 """Loggers silenced while an exporter runs."""
@@ -186,6 +187,7 @@ def export_onnx(
     if exporter == "auto" and not _importable("onnxscript"):
         attempts = ["legacy"]
     failures: list[str] = []
+    unsupported: set[str] = set()
     for name in attempts:
         try:
             with m.exporting(), torch.no_grad():
@@ -193,7 +195,10 @@ def export_onnx(
         except ExportError:
             raise
         except Exception as err:  # noqa: BLE001 - any exporter failure means: try the next one
-            failures.append(f"{name} exporter failed: {type(err).__name__}: {first_line(err)}")
+            ops = unsupported_ops(err)
+            unsupported |= ops
+            why = f"no conversion for {', '.join(sorted(ops))}" if ops else f"{type(err).__name__}: {first_line(err)}"
+            failures.append(f"{name} exporter failed: {why}")
             continue
         written_opset = _opset_of(path)
         if not verify:
@@ -208,6 +213,12 @@ def export_onnx(
             continue
         return ExportReport(path, name, diff, depth, input_names, output_names, written_opset, batches,
                             fallback_reason="; ".join(failures) or None)
+    if unsupported:
+        ops = ", ".join(sorted(unsupported))
+        raise ExportError(f"the ONNX exporters cannot convert {ops} ({'; '.join(failures)})",
+                          node=sorted(unsupported)[0],
+                          remedy=f"replace {ops} in the model with operations ONNX supports, or give the dynamo "
+                          "exporter a translation for it (torch.onnx.export's custom_translation_table)")
     raise ExportError("; ".join(failures), node="torch.onnx.export",
                       remedy="make the model traceable by torch.export with a dynamic batch (non-strict), "
                       "or export with dynamic_batch=False; report the model to hbll-compile")
@@ -281,6 +292,33 @@ def _check(
                     "if it persists, report the model to hbll-compile",
                 )
     return worst, tuple(int(xs[0].shape[0]) for xs in batches)
+
+
+_UNSUPPORTED = (
+    re.compile(r"No ONNX function found for <OpOverload\(op='([\w.]+)'"),  # dynamo
+    re.compile(r"Exporting the operator '([\w:.]+)' to ONNX opset version \d+ is not supported"),  # TorchScript
+    re.compile(r"Unsupported FX nodes: .*?'([\w.]+)'"),
+)
+
+
+def unsupported_ops(err: BaseException) -> set[str]:
+    """The operators an exporter error (or an error it was raised from) says it cannot convert.
+
+    Example:
+        >>> unsupported_ops(RuntimeError("Exporting the operator 'aten::foo' to ONNX opset version 17 "
+        ...                              "is not supported"))
+        {'aten::foo'}
+    """
+    found: set[str] = set()
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        for pattern in _UNSUPPORTED:
+            found.update(pattern.findall(text))
+        current = current.__cause__ or current.__context__
+    return found
 
 
 def _graph_inputs(session: Any) -> set[str]:

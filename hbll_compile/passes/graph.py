@@ -20,9 +20,7 @@ Terms (DESIGN §1):
   to the head cut (``block_cuts``): a coupler cannot stand in for a normalisation (its estimate of
   normalised features is not normalised, and the normalisation's Jacobian, a 1/σ scale and a
   projection, would be missing from every path to the output), so the head always stays in one block
-  and runs exactly at the end of every path. Measured on MNIST (issue 12, N=16, 3 seeds): a residual
-  MLP with a LayerNorm before its head reached 59.0% with the output tail after the LayerNorm and
-  88.5% with it inside, against 92.7% for backprop (``benchmarks/results/issue12_tail_and_blocks.md``);
+  and runs exactly at the end of every path (measurements: BENCHMARKS.md, issue 12);
 - one more rule: a cut never separates a BatchNorm from the layer that feeds it. The raw,
   unnormalised tensor between them is a poor boundary (its scale follows the weights, so couplers
   cannot track it: a CNN cut there stopped learning, BENCHMARKS.md), and the pair is fused at

@@ -71,10 +71,7 @@ def auto_blocks(costs: Sequence[int], legal_cuts: Sequence[int], owns_params: Se
 
     Why: a block far below its share takes no work off the others (the critical path stays that of the
     big blocks) but still adds a tree level, with one more coupler on every path and one more stale
-    input. Measured on MNIST (BENCHMARKS.md): the CNN trained 10 pp worse at N=8 (single conv layers and
-    a pooling-only block) than at N=4 (smallest block 0.49 of its share), and the residual MLP
-    ``ResMLP(256, 16)`` no better at N=8 (block 8 is the head alone: 0.01 of its share) than at N=4. This
-    rule picks N=4 for both.
+    input. The measurements behind the quarter are in BENCHMARKS.md (issue 12).
 
     >>> auto_blocks([10] * 16, list(range(1, 16)), [True] * 16)
     8
