@@ -229,14 +229,26 @@ class HBLLModel(nn.Module):
         """The exact chain of blocks, or with ``depth=d`` the depth-d subnetwork (couplers and blocks).
 
         Raises:
-            CompileError: the wrong number of inputs, a non-tensor input, or a depth that is not an
-                integer in 0..tree depth.
+            CompileError: the wrong number of inputs, a non-tensor input, a depth that is not an
+                integer in 0..tree depth, or inputs the blocks cannot run (a ``GuardError`` for shapes
+                outside the capture's guards), naming the inputs and chaining torch's error.
         """
         self._check_inputs(inputs)
         if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int)
                                   or not 0 <= depth <= self.tree.depth):
             raise CompileError(f"depth must be None or an integer in 0..{self.tree.depth}, got {depth!r}",
                                node="depth", remedy=f"pass depth=None (the exact chain) or 0..{self.tree.depth}")
+        try:
+            return self._forward(inputs, depth)
+        except CompileError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a raw torch error deep in a block: name the inputs instead
+            raise CompileError(
+                f"the compiled model failed on inputs {_describe(inputs)}: {type(err).__name__}: {first_line(err)}",
+                node=self.input_names[0], remedy="pass inputs of the example's dtype and shape (batch size aside)",
+            ) from err
+
+    def _forward(self, inputs: tuple[torch.Tensor, ...], depth: int | None) -> torch.Tensor:
         env = self.environment(*inputs)
         h = inputs[0]
         if depth is None or depth >= self.tree.depth:
@@ -262,7 +274,16 @@ class HBLLModel(nn.Module):
         if target.dim() and inputs[0].dim() and target.shape[0] != inputs[0].shape[0]:
             raise TrainingError(f"target has {target.shape[0]} rows but the batch has {inputs[0].shape[0]}",
                                 node="target", remedy="pass the targets of this batch")
-        return self._executor.step(inputs, target)
+        try:
+            return self._executor.step(inputs, target)
+        except CompileError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a raw torch error deep in a unit: name the batch instead
+            raise TrainingError(
+                f"the training step failed on inputs {_describe(inputs)} and a target {_describe((target,))}: "
+                f"{type(err).__name__}: {first_line(err)}", node="inputs",
+                remedy="pass inputs of the example's dtype and shape (batch size aside) and targets the loss accepts",
+            ) from err
 
     def _check_inputs(self, inputs: tuple[Any, ...]) -> None:
         if len(inputs) != len(self.input_names):
@@ -427,6 +448,10 @@ class HBLLModel(nn.Module):
 
     def __repr__(self) -> str:
         return f"HBLLModel(blocks={len(self.blocks)}, depth={self.tree.depth}, model={type(self._model).__name__})"
+
+
+def _describe(tensors: tuple[torch.Tensor, ...]) -> str:
+    return ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors)
 
 
 def _needs_isolation(blocks: nn.ModuleList) -> list[bool]:

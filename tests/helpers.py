@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from charlm_gpt import CausalSelfAttention
 from cifar10_resnet import BasicBlock  # one definition of the residual block, shared with the example
+from hypothesis import HealthCheck, settings
 from torch import nn
 
 import hbll_compile as hc
@@ -298,6 +299,14 @@ def compile_case(case: str, n: int, **config: object) -> hc.HBLLModel:
     c = ZOO[case]
     return hc.hbll_compile(c.build(), c.example(), blocks=n, loss=loss_for(case), config=hc.HBLLConfig(**config))
 
+
+fuzz = settings(
+    max_examples=1000 if os.environ.get("HBLL_HYPOTHESIS_PROFILE") == "thorough" else 12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+"""Settings of the fuzzing properties (bad arguments): 12 examples in the default run, 1,000 with
+``HBLL_HYPOTHESIS_PROFILE=thorough``. Other properties keep their own settings."""
 
 GOLDEN = Path(__file__).parent / "golden"
 """Expected texts of generated code and schedules; ``HBLL_UPDATE_GOLDEN=1 pytest`` rewrites them."""

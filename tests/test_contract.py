@@ -12,26 +12,19 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import ZOO
-from hypothesis import HealthCheck, event, given, settings
+from helpers import ZOO, fuzz
+from hypothesis import event, given
 from hypothesis import strategies as st
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 import hbll_compile as hc
 from hbll_compile.cli import main
-
-settings.register_profile("default", max_examples=12, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("thorough", max_examples=1000, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HBLL_HYPOTHESIS_PROFILE", "default"))
 
 
 class BatchBranch(nn.Module):
@@ -344,6 +337,7 @@ def compile_arguments(draw: st.DrawFn) -> tuple[str, Any, Any]:
     return model, examples, draw(blocks)
 
 
+@fuzz
 @given(compile_arguments())
 def test_fuzz_compile_succeeds_exactly_or_raises_a_project_error(arguments: tuple[str, Any, Any]) -> None:
     model, examples, blocks = arguments
@@ -372,6 +366,7 @@ dtype_texts = st.sampled_from(["float32", "float64", "int64", "bool", "float99",
 block_texts = st.one_of(st.integers(-1, 4).map(str), st.sampled_from(["2.5", "x", ""]))
 
 
+@fuzz
 @given(shape_texts, st.none() | dtype_texts, st.none() | block_texts)
 def test_fuzz_cli_succeeds_or_fails_with_rc_2_and_one_line(
     factory_file: Path, shape: str, dtype: str | None, blocks: str | None

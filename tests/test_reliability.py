@@ -3,13 +3,16 @@ save files that refuse corruption (issue 14)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ZOO, compile_case, targets
+from helpers import ZOO, compile_case, fuzz, targets
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.testing import assert_close
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -219,3 +222,64 @@ def test_corrupt_truncated_and_foreign_files_are_refused(tmp_path: Path) -> None
     loaded = hc.HBLLModel.load(path, ZOO["resmlp"].factory)
     x = ZOO["resmlp"].example(3)
     assert_close(loaded(*x), m(*x), rtol=0, atol=0)
+
+
+# -- fuzzing: every outcome is exact success or a project error ---------------------------------
+@functools.cache
+def _fuzz_model() -> tuple[torch.nn.Module, hc.HBLLModel]:
+    net = ZOO["resmlp"].build()
+    return net, hc.hbll_compile(net, ZOO["resmlp"].example(4), blocks=4, loss=F.cross_entropy)
+
+
+def _anything(draw: st.DrawFn) -> object:
+    """A tensor of a random shape and dtype (sometimes holding NaN), or something that is no tensor."""
+    kind = draw(st.sampled_from(["tensor", "none", "float", "list", "str"]))
+    if kind != "tensor":
+        return {"none": None, "float": 1.5, "list": [1.0, 2.0], "str": "x"}[kind]
+    shape = tuple(draw(st.lists(st.integers(0, 25), min_size=0, max_size=3)))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.int64, torch.bool]))
+    t = torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.randint(0, 5, shape).to(dtype)
+    if dtype.is_floating_point and t.numel() and draw(st.booleans()):
+        t.view(-1)[0] = float("nan")
+    return t
+
+
+@fuzz
+@given(data=st.data())
+def test_fuzz_runtime_succeeds_exactly_or_raises_a_project_error(data: st.DataObject, tmp_path_factory) -> None:
+    net, m = _fuzz_model()
+    good = ZOO["resmlp"].example(6, seed=3)
+    action = data.draw(st.sampled_from(["forward", "training_step", "save_load"]))
+    try:
+        if action == "forward":
+            inputs = (good[0] if data.draw(st.booleans()) else _anything(data.draw),)
+            depth = data.draw(st.sampled_from([None, 0, 1, 2, 5, -1, 0.5, True, "1"]))
+            with torch.no_grad():
+                out = m(*inputs, depth=depth)
+            if depth is None or depth == m.tree.depth:
+                assert_close(out, net(*inputs), rtol=0, atol=1e-5)
+        elif action == "training_step":
+            x = good[0] if data.draw(st.booleans()) else _anything(data.draw)
+            y = targets("resmlp", 6) if data.draw(st.booleans()) else _anything(data.draw)
+            before = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("pipeline.")}
+            try:
+                loss = m.training_step(x, target=y)
+            except hc.CompileError:
+                for k, v in m.state_dict().items():  # a refused step changes nothing
+                    if k in before:
+                        assert torch.equal(v, before[k]), k
+                assert all(p.grad is None or bool(p.grad.isfinite().all()) for p in m.parameters())
+                raise
+            assert isinstance(loss, torch.Tensor) and loss.dim() == 0
+            m.zero_grad()
+        else:
+            folder = tmp_path_factory.mktemp("fuzz")
+            name = data.draw(st.sampled_from(["m.safetensors", "new/dir/m.safetensors"]))
+            m.save(folder / name)
+            factory = data.draw(st.sampled_from([ZOO["resmlp"].factory, lambda: ZOO["resmlp"].factory(width=8),
+                                                 lambda: None, "resmlp", ZOO["mlp"].factory]))
+            path = data.draw(st.sampled_from([folder / name, folder / "missing.safetensors"]))
+            loaded = hc.HBLLModel.load(path, factory, loss=F.cross_entropy)
+            assert_close(loaded(*good), m(*good), rtol=0, atol=0)
+    except hc.CompileError as err:
+        assert err.reason and err.remedy, f"{type(err).__name__} without reason or remedy: {err}"

@@ -103,6 +103,11 @@ class ShapeGuards:
             self.guards_fn(*inputs)
         except AssertionError as err:
             raise _guard_error(str(err), self.input_names, inputs) from err
+        except (IndexError, RuntimeError) as err:  # a rank the guard function cannot even index
+            shapes_text = ", ".join(f"{name} {tuple(x.shape)}" for name, x in zip(self.input_names, inputs))
+            raise GuardError(f"inputs of another rank than the example's ({shapes_text})",
+                             node=self.input_names[0],
+                             remedy="pass inputs with the example's number of dimensions (a batch first)") from err
         if len(self._passed) >= _MAX_REMEMBERED:
             self._passed.clear()
         self._passed.add(shapes)
