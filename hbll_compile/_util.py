@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["device_of", "first_line", "lookup", "max_abs_diff", "quiet", "random_inputs"]
+__all__ = ["assign", "device_of", "first_line", "lookup", "max_abs_diff", "quiet", "random_inputs"]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -104,3 +104,27 @@ def random_inputs(
             x = torch.randint(0, 2, shape, generator=generator).to(dtype)
         out.append(x.to(device) if device is not None else x)
     return tuple(out)
+
+
+def assign(root: nn.Module, target: str, value: object) -> None:
+    """Set dotted ``target`` under ``root`` to ``value``, creating empty parent modules as needed and
+    registering it as what it is (parameter, submodule, buffer, or a plain attribute)."""
+    *parents, leaf = target.split(".")
+    owner = root
+    for part in parents:
+        if not isinstance(getattr(owner, part, None), nn.Module):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if getattr(owner, leaf, None) is value:
+        return
+    owner._parameters.pop(leaf, None)
+    owner._buffers.pop(leaf, None)
+    owner._modules.pop(leaf, None)
+    if isinstance(value, nn.Parameter):
+        owner.register_parameter(leaf, value)
+    elif isinstance(value, nn.Module):
+        owner.add_module(leaf, value)
+    elif isinstance(value, torch.Tensor):
+        owner.register_buffer(leaf, value)
+    else:
+        setattr(owner, leaf, value)

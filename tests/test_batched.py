@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import ZOO, seq_loss, targets
+from torch.testing import assert_close
 
 import hbll_compile as hc
 from hbll_compile.runtime._batching import BUFFERS, TIED, StackedBlocks
@@ -36,8 +37,6 @@ def _max_grad_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return worst
 
 
-def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(((p.double() - q.double()).abs().max().item() for p, q in zip(a, b)), default=0.0)
 
 
 @pytest.fixture
@@ -66,7 +65,7 @@ def _train_both(loop: hc.HBLLModel, batched: hc.HBLLModel, batches) -> None:
         assert _max_grad_diff(loop, batched) <= TOLERANCE, f"step {step}"
         for opt in opts:
             opt.step()
-    assert _max_diff(list(loop.parameters()), list(batched.parameters())) <= TOLERANCE
+    assert_close(list(loop.parameters()), list(batched.parameters()), rtol=0, atol=TOLERANCE)
 
 
 @pytest.mark.parametrize(("n", "config"), [
@@ -98,7 +97,7 @@ def test_batchnorm_blocks_fall_back_with_equal_grads_and_statistics(calls) -> No
     assert plan.groups == () and plan.fallbacks == {i: BUFFERS for i in range(1, 5)}
     _train_both(loop, batched, _batches("cnn_bn", [8] * 6))
     assert calls == []
-    assert _max_diff(list(loop.buffers()), list(batched.buffers())) == 0  # running statistics too
+    assert_close(list(loop.buffers()), list(batched.buffers()), rtol=0, atol=0)  # running statistics too
 
 
 def test_gpt_groups_attention_and_mlp_blocks_with_context(calls) -> None:

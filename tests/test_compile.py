@@ -8,15 +8,12 @@ import math
 import pytest
 import torch
 from helpers import ZOO, Case
+from torch.testing import assert_close
 
 import hbll_compile as hc
 
 CASES = [(name, n) for name, case in ZOO.items() for n in case.blocks]
 TOL = 1e-5
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
 
 
 @pytest.mark.parametrize(("name", "n"), CASES, ids=[f"{c}-N{n}" for c, n in CASES])
@@ -34,7 +31,7 @@ def test_blocks_reproduce_model(name: str, n: int) -> None:
     x = case.example(batch=5, seed=3)  # another batch size than the example: the batch dim is dynamic
     m.eval(), reference.eval()
     with torch.no_grad():
-        assert _max_diff(m(*x), reference(*x)) <= TOL
+        assert_close(m(*x), reference(*x), rtol=0, atol=TOL)
 
     # train mode: same dropout stream, same BatchNorm statistics, same gradients
     m.train(), reference.train()
@@ -42,15 +39,15 @@ def test_blocks_reproduce_model(name: str, n: int) -> None:
     out = m(*x)
     torch.manual_seed(7)
     expected = reference(*x)
-    assert _max_diff(out, expected) <= TOL
+    assert_close(out, expected, rtol=0, atol=TOL)
     out.square().mean().backward()
     expected.square().mean().backward()
     for (pname, p), q in zip(model.named_parameters(), reference.parameters()):
         assert (p.grad is None) == (q.grad is None), pname
         if p.grad is not None:
-            assert _max_diff(p.grad, q.grad) <= 1e-4 * max(1.0, q.grad.abs().max().item()), pname
+            assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=pname)
     for (bname, b), c in zip(model.named_buffers(), reference.buffers()):
-        assert torch.allclose(b.float(), c.float(), atol=TOL), bname
+        assert_close(b.float(), c.float(), rtol=0, atol=TOL, msg=bname)
 
 
 @pytest.mark.parametrize("name", list(ZOO), ids=list(ZOO))
@@ -79,7 +76,7 @@ def test_output_tail_is_the_end_of_block_n(name: str) -> None:
         expected = Recorder(m.blocks[-1]).run(h, *(env[c] for c in m.specs[-1].context))
         t = h if tail.is_whole_block else seen[tail.input.node]
         assert tuple(t.shape[1:]) == tail.input.shape
-        assert _max_diff(m.run_tail(t, env), expected) <= TOL
+        assert_close(m.run_tail(t, env), expected, rtol=0, atol=TOL)
     for plan in m.coupler_plans:
         assert plan.runs_tail == (plan.span[1] == n)
 
@@ -111,7 +108,7 @@ def test_tied_weights_stay_tied() -> None:
         model.wte.weight.add_(1.0)
     m.eval(), model.eval()
     x = ZOO["gpt"].example()
-    assert _max_diff(m(*x), model(*x)) == 0.0
+    assert_close(m(*x), model(*x), rtol=0, atol=0)
 
 
 def test_state_dict_round_trip_and_dtype_conversion() -> None:
@@ -132,7 +129,7 @@ def test_state_dict_round_trip_and_dtype_conversion() -> None:
     assert all(p.dtype == torch.float64 for p in original.parameters())
     assert all(b.dtype == torch.float64 for b in original.buffers() if b.is_floating_point())
     xd = tuple(t.double() for t in x)
-    assert _max_diff(m(*xd), original(*xd)) <= 1e-10
+    assert_close(m(*xd), original(*xd), rtol=0, atol=1e-10)
 
 
 def test_train_eval_switch_reaches_original_modules() -> None:
@@ -180,7 +177,7 @@ def test_fx_fallback_when_export_fails(name: str, monkeypatch: pytest.MonkeyPatc
     assert m.report.capture == "fx"
     m.eval()
     x = case.example(batch=3)
-    assert _max_diff(m(*x), model(*x)) <= TOL
+    assert_close(m(*x), model(*x), rtol=0, atol=TOL)
 
 
 @pytest.mark.parametrize("name", ["cnn_bn", "resnet"])

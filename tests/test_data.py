@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import write_cifar10, write_cifar_batch
+from torch.testing import assert_close
 
 from hbll_compile import data
 from hbll_compile.data import (
@@ -52,8 +53,8 @@ def test_mnist_tiny_split_and_normalisation(tmp_path: Path) -> None:
     assert (len(train), len(test)) == (40, 10)
     x, y = train.tensors
     assert x.shape == (40, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
-    assert torch.allclose(x[:, 0, 27, 27], torch.tensor((1.0 - 0.1307) / 0.3081))
-    assert torch.allclose(x[:, 0, 5, 5], torch.tensor(-0.1307 / 0.3081))
+    assert_close(x[:, 0, 27, 27], torch.full_like(x[:, 0, 27, 27], (1.0 - 0.1307) / 0.3081))
+    assert_close(x[:, 0, 5, 5], torch.full_like(x[:, 0, 5, 5], -0.1307 / 0.3081))
 
     train_ids, test_ids = _pixel_ids(x), _pixel_ids(test.tensors[0])
     assert sorted(train_ids + test_ids) == list(range(50))  # disjoint and complete
@@ -123,8 +124,8 @@ def test_cifar10_layouts(tmp_path: Path, nested: bool) -> None:
     assert _red_values(x, mean[0], std[0]) == expected
     assert y.tolist() == [v % 10 for v in expected]
     assert _red_values(test.tensors[0], mean[0], std[0]) == [100, 101, 102, 103]
-    assert torch.allclose(x[:, 1], torch.tensor(-mean[1] / std[1]))
-    assert torch.allclose(x[:, 2], torch.tensor((1.0 - mean[2]) / std[2]))
+    assert_close(x[:, 1], torch.full_like(x[:, 1], -mean[1] / std[1]))
+    assert_close(x[:, 2], torch.full_like(x[:, 2], (1.0 - mean[2]) / std[2]))
 
 
 @pytest.mark.parametrize("nested", [True, False], ids=["root", "python-folder"])

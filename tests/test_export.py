@@ -210,7 +210,7 @@ def test_training_units_follow_the_objectives() -> None:
             expected = path_loss(m, unit.path, m.run_block(unit.index, args[0], env), y, env)
         else:
             expected = coupler_loss(m, unit.index, (), args[0], args[1], y, env)
-        assert torch.allclose(UnitObjective(m, unit)(*args), expected)
+        torch.testing.assert_close(UnitObjective(m, unit)(*args), expected)
 
 
 @pytest.mark.parametrize("config", [{}, {"local_head_weight": 0.5}, {"objective": "dgl"}, {"inputs": "tree"}],

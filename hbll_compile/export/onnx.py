@@ -195,9 +195,10 @@ def export_onnx(
         except ExportError:
             raise
         except Exception as err:  # noqa: BLE001 - any exporter failure means: try the next one
-            ops = unsupported_ops(err)
-            unsupported |= ops
-            why = f"no conversion for {', '.join(sorted(ops))}" if ops else f"{type(err).__name__}: {first_line(err)}"
+            missing = unsupported_ops(err)
+            unsupported |= missing
+            why = f"no conversion for {', '.join(sorted(missing))}" if missing else \
+                f"{type(err).__name__}: {first_line(err)}"
             failures.append(f"{name} exporter failed: {why}")
             continue
         written_opset = _opset_of(path)

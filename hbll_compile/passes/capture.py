@@ -36,7 +36,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from hbll_compile._util import first_line
+from hbll_compile._util import assign, first_line
 from hbll_compile.errors import CaptureError
 from hbll_compile.passes.guards import ShapeGuards
 
@@ -298,7 +298,7 @@ def _relift_mode_dependent_modules(gm: fx.GraphModule, model: nn.Module) -> None
                 remedy="call BatchNorm/Dropout modules on a single tensor",
             )
         (source,), (result,) = inputs, outputs
-        _bind_submodule(gm, path, model.get_submodule(path))  # grouped above because it exists
+        assign(gm, path, model.get_submodule(path))  # grouped above because it exists
         with gm.graph.inserting_after(result):
             call = gm.graph.call_module(path, (source,))
         call.meta = dict(result.meta)
@@ -313,16 +313,6 @@ def _submodule(model: nn.Module, path: str) -> nn.Module | None:
         return model.get_submodule(path)
     except AttributeError:
         return None
-
-
-def _bind_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    *parents, leaf = path.split(".")
-    owner: nn.Module = gm
-    for name in parents:
-        if not hasattr(owner, name):
-            owner.add_module(name, nn.Module())
-        owner = getattr(owner, name)
-    owner.add_module(leaf, module)
 
 
 _TRAINING_FLAG_OPS: dict[Any, tuple[int, str, int, str]] = {

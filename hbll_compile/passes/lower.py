@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from hbll_compile._util import lookup
+from hbll_compile._util import assign, lookup
 from hbll_compile.errors import LoweringError
 from hbll_compile.ir import BlockSpec, Boundary, Tail
 from hbll_compile.passes.capture import Captured, example_batch
@@ -211,9 +211,9 @@ def _graph_module(gm: fx.GraphModule, graph: fx.Graph, resolve: Callable[[str], 
     holder = nn.Module()
     for node in graph.nodes:
         if node.op == "call_module":
-            _assign(holder, node.target, gm.get_submodule(node.target))
+            assign(holder, node.target, gm.get_submodule(node.target))
         elif node.op == "get_attr":
-            _assign(holder, node.target, resolve(node.target))
+            assign(holder, node.target, resolve(node.target))
     out = fx.GraphModule(holder, graph, class_name=name)
     return out
 
@@ -222,26 +222,4 @@ def bind_state(module: fx.GraphModule, resolve: Callable[[str], object]) -> None
     """Point every ``get_attr`` target of ``module`` at ``resolve(target)`` (after ``.to()`` and friends)."""
     for node in module.graph.nodes:
         if node.op == "get_attr":
-            _assign(module, node.target, resolve(node.target))
-
-
-def _assign(root: nn.Module, target: str, value: object) -> None:
-    *parents, leaf = target.split(".")
-    owner = root
-    for part in parents:
-        if not isinstance(getattr(owner, part, None), nn.Module):
-            owner.add_module(part, nn.Module())
-        owner = getattr(owner, part)
-    if getattr(owner, leaf, None) is value:
-        return
-    owner._parameters.pop(leaf, None)
-    owner._buffers.pop(leaf, None)
-    owner._modules.pop(leaf, None)
-    if isinstance(value, nn.Parameter):
-        owner.register_parameter(leaf, value)
-    elif isinstance(value, nn.Module):
-        owner.add_module(leaf, value)
-    elif isinstance(value, torch.Tensor):
-        owner.register_buffer(leaf, value)
-    else:
-        setattr(owner, leaf, value)
+            assign(module, node.target, resolve(node.target))

@@ -45,6 +45,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from hbll_compile._util import lookup
 from hbll_compile.errors import TrainingError
 
 __all__ = [
@@ -295,7 +296,7 @@ def _target_key(block: fx.GraphModule, node: fx.Node, tokens: dict[str, str]) ->
         module = block.get_submodule(str(node.target))
         return tokens[str(node.target)], type(module), repr(module)  # leaf torch.nn modules: repr holds the config
     if node.op == "get_attr":
-        value = _attribute(block, str(node.target))
+        value = lookup(block, str(node.target))
         return tokens[str(node.target)] if isinstance(value, nn.Parameter) else ("object", id(value))
     return _hashable(node.target)
 
@@ -322,11 +323,6 @@ def _hashable(value: Any) -> Hashable:
     except TypeError:
         return "object", id(value)
     return value
-
-
-def _attribute(block: fx.GraphModule, target: str) -> Any:
-    owner, leaf = _slot(block, target)
-    return getattr(owner, leaf)
 
 
 def _slot(block: nn.Module, name: str) -> tuple[nn.Module, str]:
