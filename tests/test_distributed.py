@@ -59,10 +59,15 @@ def _reference(case: str, n: int) -> tuple[list[float], dict[str, torch.Tensor],
     first_of_last_rank = place(m, WORLD[(case, n)]).first[-1]
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     losses = []
-    for inputs, y in _batches(case):
-        opt.zero_grad()
-        losses.append(float(m.training_step(*inputs, target=y)))
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run: another thread count sums in another order
+    try:
+        for inputs, y in _batches(case):
+            opt.zero_grad()
+            losses.append(float(m.training_step(*inputs, target=y)))
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return losses, m.state_dict(), first_of_last_rank
 
 
