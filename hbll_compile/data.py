@@ -172,9 +172,10 @@ def load_cifar10(root: str | os.PathLike[str]) -> tuple[TensorDataset, TensorDat
     (N, 3, 32, 32) normalised per channel with :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD`; labels
     int64 in 0..9, in file order.
 
-    Example:
-        >>> train, test = load_cifar10("~/data")  # doctest: +SKIP
-        >>> train[0][0].shape, len(test)  # doctest: +SKIP
+    Example (needs the CIFAR-10 files, so not run as a doctest)::
+
+        train, test = load_cifar10("~/data")
+        train[0][0].shape, len(test)
         (torch.Size([3, 32, 32]), 10000)
     """
     return _read_cifar(
@@ -195,9 +196,10 @@ def load_cifar100(root: str | os.PathLike[str]) -> tuple[TensorDataset, TensorDa
     ``root`` is the folder that holds ``cifar-100-python/`` (files ``train`` and ``test``), or that
     folder itself. Images are normalised like :func:`load_cifar10` with the CIFAR-100 statistics.
 
-    Example:
-        >>> train, test = load_cifar100("~/data")  # doctest: +SKIP
-        >>> len(train), len(test)  # doctest: +SKIP
+    Example (needs the CIFAR-100 files, so not run as a doctest)::
+
+        train, test = load_cifar100("~/data")
+        len(train), len(test)
         (50000, 10000)
     """
     return _read_cifar(

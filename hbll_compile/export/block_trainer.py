@@ -29,12 +29,13 @@ ORT_TRAINING_EXTRA = (
 class BlockTrainer:
     """Train one unit from its artifacts with onnxruntime-training (no PyTorch needed).
 
-    Example (needs onnxruntime-training):
-        >>> trainer = BlockTrainer("artifacts/block2", lr=1e-3)        # doctest: +SKIP
-        >>> trainer.input_names                                        # doctest: +SKIP
-        ['h', 'target']
-        >>> trainer.step(h1, target=y), trainer.eval_loss(h1, target=y)  # doctest: +SKIP
-        >>> trainer.parameters()["blocks.1.layers.2.weight"].shape      # doctest: +SKIP
+    Example (needs onnxruntime-training, so not run as a doctest)::
+
+        trainer = BlockTrainer("artifacts/block2", lr=1e-3)
+        trainer.input_names
+        # ['h', 'target']
+        trainer.step(h1, target=y), trainer.eval_loss(h1, target=y)
+        trainer.parameters()["blocks.1.layers.2.weight"].shape
     """
 
     def __init__(self, unit_dir: str | os.PathLike[str], *, lr: float | None = None, device: str = "cpu") -> None:

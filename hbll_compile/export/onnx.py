@@ -21,8 +21,8 @@ Example:
     >>> import os, tempfile, torch, hbll_compile as hc
     >>> net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
     >>> m = hc.hbll_compile(net, (torch.randn(2, 8),), blocks=4)
-    >>> report = hc.export_onnx(m, os.path.join(tempfile.mkdtemp(), "m.onnx"), depth=1)  # doctest: +SKIP
-    >>> report.exporter, report.max_abs_diff < 1e-4  # doctest: +SKIP
+    >>> report = hc.export_onnx(m, os.path.join(tempfile.mkdtemp(), "m.onnx"), depth=1)
+    >>> report.exporter, report.max_abs_diff < 1e-4
     ('dynamo', True)
 """
 

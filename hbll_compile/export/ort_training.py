@@ -34,12 +34,13 @@ BatchNorm: the training graph normalises with batch statistics, as torch's train
 running statistics are graph constants (ORT training has no buffer updates); re-estimate them in torch
 before evaluating in eval mode, or evaluate with batch statistics.
 
-Example (needs onnxruntime-training):
-    >>> import torch, hbll_compile as hc                                        # doctest: +SKIP
-    >>> m = hc.hbll_compile(net, (x,), blocks=4, loss=torch.nn.functional.cross_entropy)  # doctest: +SKIP
-    >>> hc.export_training_artifacts(m, "artifacts")                            # doctest: +SKIP
-    >>> trainer = hc.ort.BlockTrainer("artifacts/block2")                       # doctest: +SKIP
-    >>> loss = trainer.step(h1, target=y)                                       # doctest: +SKIP
+Example (needs onnxruntime-training, so not run as a doctest)::
+
+    import torch, hbll_compile as hc
+    m = hc.hbll_compile(net, (x,), blocks=4, loss=torch.nn.functional.cross_entropy)
+    hc.export_training_artifacts(m, "artifacts")
+    trainer = hc.ort.BlockTrainer("artifacts/block2")
+    loss = trainer.step(h1, target=y)
 """
 
 from __future__ import annotations
