@@ -69,6 +69,17 @@ class _Group:
     """Each task's block's position in ``stack``."""
 
 
+class _Check(NamedTuple):
+    """What the end-of-step check of one update needs: its loss, the parameters its backward reached,
+    and its input and target (named in the error)."""
+
+    task: Task
+    loss: torch.Tensor | None
+    params: list[torch.nn.Parameter]
+    h: torch.Tensor
+    y: torch.Tensor
+
+
 class _Ready(NamedTuple):
     """One member of a group whose inputs are there this step."""
 
@@ -93,6 +104,7 @@ class Executor:
         self.steps = 0
         """Training steps completed (a step that raised is not counted)."""
         self._written: list[tuple[RingEntry, str]] = []
+        self._checks: list[_Check] = []
         self._values: dict[Value, torch.Tensor] = {}
         self._env: Env = {}
         self._memo: dict[tuple[int, Value], torch.Tensor] = {}
@@ -194,7 +206,7 @@ class Executor:
         if self.wavefront:
             self.ring.appendleft(RingEntry(inputs, target, env))
         self._values = {Value.batch("x"): inputs[0], Value.batch("y"): target}
-        self._env, self._memo, self._bp, self._losses = env, {}, {}, {}
+        self._env, self._memo, self._bp, self._losses, self._checks = env, {}, {}, {}, []
         for work in self._work:
             for item in work:
                 tasks = item.tasks if isinstance(item, _Group) else (item,)
@@ -204,6 +216,7 @@ class Executor:
                 else:
                     self._handlers[item.kind](item)
                 self._notify(tasks, done=True)
+        self._check_finite()
         if not self._losses:
             return torch.tensor(float("nan"))
         return self._losses[max(self._losses)].detach()
@@ -310,26 +323,35 @@ class Executor:
         x, y = self._values[Value.batch("x")], self._values[Value.batch("y")]
         if i == self.units.tree.n_blocks:
             loss = self.units.score(out, y)
-            if not torch.isfinite(loss.detach()):
-                raise self._nonfinite(task, "loss", x, y)
             loss.backward()  # also fills leaf.grad, the gradient the next backward task reads
             self._losses[i] = loss
         else:
             out.backward(self._need(task.reads[1]))
-        if not _finite_grads(self.units.blocks[i - 1].parameters()):
-            raise self._nonfinite(task, "gradient", x, y)
+        last = self._losses.get(i)
+        self._checks.append(_Check(task, None if last is None else last.detach(),
+                                   list(self.units.blocks[i - 1].parameters()), x, y))
         if task.writes and leaf is not None and leaf.grad is not None:
             self._write(task.writes[0], leaf.grad)
 
     def _backward(
         self, task: Task, loss: torch.Tensor, params: list[torch.nn.Parameter], h: torch.Tensor, y: torch.Tensor
     ) -> None:
-        """Backward into ``params`` only, refusing a non-finite loss or gradient (see :meth:`_nonfinite`)."""
-        if not torch.isfinite(loss.detach()):
-            raise self._nonfinite(task, "loss", h, y)
+        """Backward into ``params`` only; the loss and gradients are checked once, at the end of the step."""
         _backward(loss, params)
-        if not _finite_grads(params):
-            raise self._nonfinite(task, "gradient", h, y)
+        self._checks.append(_Check(task, loss.detach(), params, h, y))
+
+    def _check_finite(self) -> None:
+        """Raise :meth:`_nonfinite` for the first update whose loss or gradient is not finite. One
+        device-to-host read for the whole step; the per-task search runs only after a failure."""
+        flags = [c.loss.isfinite() for c in self._checks if c.loss is not None]
+        flags += [p.grad.isfinite().all() for c in self._checks for p in c.params if p.grad is not None]
+        if not flags or bool(torch.stack(flags).all()):
+            return
+        for c in self._checks:
+            if c.loss is not None and not bool(c.loss.isfinite()):
+                raise self._nonfinite(c.task, "loss", c.h, c.y)
+            if not _finite_grads(c.params):
+                raise self._nonfinite(c.task, "gradient", c.h, c.y)
 
     def _nonfinite(self, task: Task, what: str, h: torch.Tensor, y: torch.Tensor) -> NonFiniteError:
         """The error for a non-finite loss or gradient of ``task``, naming what was non-finite."""
@@ -383,17 +405,14 @@ class Executor:
         totals, params = [], list(stack.stacked)
         for r, out_r in zip(ready, out):
             loss = block_loss(self.units, r.task, out_r, r.y, r.env)
-            if not torch.isfinite(loss.total.detach()):
-                raise self._nonfinite(r.task, "loss", r.h, r.y)
             totals.append(loss.total)
             if r.task.head is not None:
                 params += list(self.units.heads[str(r.task.unit.id)].parameters())
             self._record(r.task, loss.task, out_r)
         _backward(torch.stack(totals).sum(), params)
         stack.hand_out_grads(members)
-        for r in ready:
-            if not _finite_grads(trainable(self.units, r.task)):
-                raise self._nonfinite(r.task, "gradient", r.h, r.y)
+        self._checks += [_Check(r.task, total.detach(), trainable(self.units, r.task), r.h, r.y)
+                         for r, total in zip(ready, totals)]
 
 
 def _work_items(stage: Stage, stacks: dict[tuple[int, ...], StackedBlocks]) -> list[Task | _Group]:
