@@ -73,14 +73,14 @@ def run_passes(
         example_batch=example_batch(captured.example_inputs),
         example_inputs=tuple((tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in captured.example_inputs),
     )
-    return Parts(captured, lowered, tree, couplers, plans, heads, build_schedule(tree, config), report)
+    return Parts(captured, lowered, tree, couplers, plans, heads, build_schedule(tree, config, frozenset(int(i) for i in heads)), report)
 
 
-def build_schedule(tree: Tree, config: HBLLConfig) -> Schedule:
-    """The training-step schedule the config asks for."""
+def build_schedule(tree: Tree, config: HBLLConfig, heads: frozenset[int] = frozenset()) -> Schedule:
+    """The training-step schedule the config asks for; ``heads``: the boundaries that have a local head."""
     if config.objective == "bp":
         return build_bp(tree.n_blocks)
     if config.objective == "dgl":
         return build_dgl(tree.n_blocks)
     return build_hbll(tree, inputs=config.inputs, corrections=config.corrections, correction=config.correction,
-                      head_weight=config.local_head_weight)
+                      heads=heads if config.head_weight > 0 else frozenset())

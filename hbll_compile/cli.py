@@ -206,7 +206,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # the factory's initialisation: the same report on every run
     model = load_factory(args.factory)()
     inputs = example_inputs(args.input_shape, args.dtype)
-    config = HBLLConfig(inputs=args.inputs, seed=args.seed)
+    config = HBLLConfig(inputs=args.inputs, seed=args.seed, local_head_weight=args.head_weight)
     m = hbll_compile(model, inputs, blocks=args.blocks, loss=_DIAGNOSE_LOSSES[args.loss], config=config)
     # a seeded synthetic target shaped like the output: class ids over its last dim, or values for mse
     shape = (inputs[0].shape[0], *m.boundaries[-1].shape)
@@ -273,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--train-steps", type=int, default=0,
                           help="HBLL training steps (AdamW, lr 1e-3) on the example batch before measuring")
     diagnose.add_argument("--paths", choices=("couplers", "exact"), default="couplers",
-                          help="paths through the learned couplers, or the exact blocks (self-check: cosine 1)")
+                          help="paths through the learned couplers, or the exact blocks (self-check: cosine 1 "
+                               "with --head-weight 0)")
+    diagnose.add_argument("--head-weight", type=float, default=None,
+                          help="HBLLConfig.local_head_weight (default: the library's; local heads add their own "
+                               "term to every block's gradient)")
     diagnose.add_argument("--inputs", choices=("wavefront", "tree"), default="wavefront",
                           help="HBLLConfig.inputs: where block inputs come from")
     diagnose.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation and the target")

@@ -11,13 +11,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
-__all__ = ["HBLLConfig"]
+__all__ = ["DEFAULT_HEAD_WEIGHT", "HBLLConfig"]
 
 Objective = Literal["hbll", "dgl", "bp"]
 Inputs = Literal["tree", "wavefront"]
 Correction = Literal["parareal", "jacobi"]
 ExecutorKind = Literal["loop", "batched"]
 OutputTail = Literal["auto", "head", "block"]
+
+DEFAULT_HEAD_WEIGHT = 0.5
+"""λ when ``HBLLConfig.local_head_weight`` is None (chosen by measurement: BENCHMARKS.md, issue 12)."""
 
 _CHOICES = {
     "objective": get_args(Objective),
@@ -58,7 +61,12 @@ class HBLLConfig:
             cannot model attention. ``"head"``: block N from its last legal cut on, even after a
             normalisation. ``"block"``: all of block N. A short tail keeps a step cheap on networks
             whose last block holds real layers. Measurements behind the rule: BENCHMARKS.md (issue 12).
-        local_head_weight: weight λ of the local-head losses (0 disables heads under ``"hbll"``).
+        local_head_weight: weight λ of the local-head losses added to each block's path loss under
+            ``"hbll"`` (0 disables heads). ``None`` (default): :data:`DEFAULT_HEAD_WEIGHT` at every
+            boundary where a local head can be built (:func:`~hbll_compile.nn.heads.make_head`), and no
+            head elsewhere; an explicit weight > 0 needs a head at every inner boundary. The heads keep
+            networks whose residual stream has no normalisation from diverging under block-local
+            training (measurements: BENCHMARKS.md, issue 12). ``head_weight`` is the weight in force.
         consistency_weight: weight of each coupler's consistency term ``‖C_v(h_a) − sg(h_b)‖²``.
         coupler_path_weight: weight of the task loss through a coupler's own path. DESIGN §2 adds it
             with weight 1; the default is 0, because the term made couplers better classifiers but
@@ -79,7 +87,7 @@ class HBLLConfig:
     coupler_layers: int = 2
     coupler_gain: float = 4.0
     output_tail: OutputTail = "auto"
-    local_head_weight: float = 0.0
+    local_head_weight: float | None = None
     consistency_weight: float = 1.0
     coupler_path_weight: float = 0.0
     seed: int = 0
@@ -96,6 +104,13 @@ class HBLLConfig:
             raise ValueError(f"HBLLConfig.coupler_cost must be > 0, got {self.coupler_cost}")
         if self.coupler_gain <= 0:
             raise ValueError(f"HBLLConfig.coupler_gain must be > 0, got {self.coupler_gain}")
+        if self.local_head_weight is not None and self.local_head_weight < 0:
+            raise ValueError(f"HBLLConfig.local_head_weight must be None or >= 0, got {self.local_head_weight}")
+
+    @property
+    def head_weight(self) -> float:
+        """The local-head weight λ in force (``local_head_weight``, or its default)."""
+        return DEFAULT_HEAD_WEIGHT if self.local_head_weight is None else self.local_head_weight
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

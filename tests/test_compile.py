@@ -202,3 +202,20 @@ def test_created_tensors_follow_the_input_device(name: str) -> None:
     for module in (m.context, *m.blocks):
         for node in module.graph.nodes:
             assert not isinstance(node.kwargs.get("device"), torch.device), (node.name, node.kwargs)
+
+
+def test_default_local_heads_only_where_a_head_fits() -> None:
+    """A per-sample scalar output has no local head: by default those blocks train on the path loss
+    alone; an explicit weight asks for heads everywhere and is refused."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 1), torch.nn.Flatten(0))
+    x = torch.randn(6, 4)
+    m = hc.hbll_compile(net, (x[:2],), blocks=3, loss=torch.nn.functional.mse_loss)
+    assert len(m.heads) == 0 and not any(t.head for t in m.schedule.tasks())
+    m.training_step(x, target=torch.randn(6))
+    with pytest.raises(hc.LoweringError, match="cannot build a local head at boundary 1"):
+        hc.hbll_compile(net, (x[:2],), blocks=3, loss=torch.nn.functional.mse_loss,
+                        config=hc.HBLLConfig(local_head_weight=0.5))
+    classifier = hc.hbll_compile(ZOO["resmlp"].build(), ZOO["resmlp"].example(2), blocks=4)
+    assert sorted(classifier.heads) == ["1", "2", "3"] and classifier.config.head_weight == 0.5

@@ -50,7 +50,7 @@ def test_exact_paths_give_bp_gradients(name: str, blocks: int, inputs: str) -> N
     """The self-check: with every coupler replaced by its exact span (in paths and tree estimates),
     local gradients are BP's. The GPT's tied embedding collects both its uses; the CNN runs its
     BatchNorm and dropout in train mode, and at N=6 has a block without parameters (a pooling)."""
-    m = _shared(name, blocks, inputs=inputs)
+    m = _shared(name, blocks, inputs=inputs, local_head_weight=0)
     m.train()
     x, y = _batch(m, name)
     report = m.gradient_report(*x, target=y, paths="exact")
@@ -73,7 +73,7 @@ def test_bp_objective_is_measured_with_exact_paths() -> None:
 
 
 def test_coupler_report_is_finite_and_bounded() -> None:
-    m = _shared("resmlp", 8, inputs="wavefront")
+    m = _shared("resmlp", 8, inputs="wavefront", local_head_weight=0)
     x, y = _batch(m, "resmlp")
     report = m.gradient_report(*x, target=y)
     assert [c.span for c in report.couplers] == [n.span for n in m.tree.internal_nodes]
@@ -255,7 +255,7 @@ def test_cli_diagnose_prints_the_table(tmp_path, capsys, paths: str) -> None:
     factory.write_text(_FACTORY)
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
     argv = ["diagnose", f"{factory}:build", "--input-shape", "8,6", "--blocks", "4", "--train-steps", "2",
-            "--paths", paths, "--json", str(out_json), "--png", str(out_png)]
+            "--paths", paths, "--json", str(out_json), "--png", str(out_png), "--head-weight", "0"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "gradient fidelity" in printed and "norm ratio" in printed and "VJP cosine" in printed

@@ -19,7 +19,7 @@ TREE = build_tree([3, 1, 2, 2, 1])
     [
         ("schedule_bp.txt", build_bp(3)),
         ("schedule_dgl.txt", build_dgl(4)),
-        ("schedule_wavefront_heads.txt", build_hbll(TREE, inputs="wavefront", head_weight=0.5)),
+        ("schedule_wavefront_heads.txt", build_hbll(TREE, inputs="wavefront", heads=range(1, TREE.n_blocks))),
         ("schedule_tree_parareal_K1.txt", build_hbll(TREE, inputs="tree", corrections=1)),
         ("schedule_tree_jacobi_K2.txt", build_hbll(TREE, inputs="tree", corrections=2, correction="jacobi")),
     ],

@@ -137,7 +137,7 @@ def test_jacobi_sweeps_take_one_stage(n: int, k: int) -> None:
 @pytest.mark.parametrize("inputs", ["tree", "wavefront"])
 def test_heads_join_the_updates_of_inner_blocks(n: int, inputs: str) -> None:
     tree = midpoint_tree(n)
-    schedule = build_hbll(tree, inputs=inputs, corrections=1, head_weight=0.5)
+    schedule = build_hbll(tree, inputs=inputs, corrections=1, heads=range(1, n))
     check_updates(schedule, tree, heads=True)
     without = build_hbll(tree, inputs=inputs, corrections=1)
     update = 2 * tree.depth + 2
@@ -182,12 +182,12 @@ def test_dataflow_bound_is_shorter_than_staged_execution() -> None:
 def test_any_valid_tree(tree: Tree, k: int, jacobi: bool, heads: bool) -> None:
     L, P = tree.depth, longest_path(tree)
     update = max(2 * P + 2, 4 if heads and tree.n_blocks > 1 else 2)
-    head_weight = 1.0 if heads else 0.0
-    wave = build_hbll(tree, inputs="wavefront", head_weight=head_weight)
+    with_heads = range(1, tree.n_blocks) if heads else ()
+    wave = build_hbll(tree, inputs="wavefront", heads=with_heads)
     assert wave.critical_path() == update
     check_updates(wave, tree, heads)
     correction = "jacobi" if jacobi else "parareal"
-    staged = build_hbll(tree, inputs="tree", corrections=k, correction=correction, head_weight=head_weight)
+    staged = build_hbll(tree, inputs="tree", corrections=k, correction=correction, heads=with_heads)
     sweeps = (k if tree.n_blocks > 1 else 0) if jacobi else k * L
     assert staged.critical_path() == L + sweeps + update
     assert staged.critical_path(dataflow=True) <= staged.critical_path()
@@ -268,7 +268,7 @@ def test_unknown_value_double_write_and_bad_tasks_are_invalid() -> None:
 
 def test_bad_options_are_rejected() -> None:
     tree = midpoint_tree(4)
-    for kwargs in ({"inputs": "oracle"}, {"correction": "newton"}, {"corrections": -1}, {"head_weight": -1}):
+    for kwargs in ({"inputs": "oracle"}, {"correction": "newton"}, {"corrections": -1}, {"heads": {0}}):
         with pytest.raises(ValueError):
             build_hbll(tree, **kwargs)
     with pytest.raises(ValueError):
@@ -281,3 +281,11 @@ def test_describe_lists_every_task() -> None:
     assert text.splitlines()[0] == "hbll-tree-parareal-K1: 5 stages, critical path 10"
     assert len(text.splitlines()) == 2 + len(tasks(schedule))
     assert "correct" in text and "h2@s1" in text
+
+
+def test_only_the_named_blocks_fuse_a_head() -> None:
+    tree = midpoint_tree(4)
+    fused = {t.unit.id for t in tasks(build_hbll(tree, inputs="wavefront", heads={2})) if t.head is not None}
+    assert fused == {2}
+    with pytest.raises(ValueError, match="heads must be blocks in 1..3"):
+        build_hbll(tree, heads={4})

@@ -100,7 +100,7 @@ def training_units(m: HBLLModel) -> list[TrainingUnit]:
         elif task.kind is TaskKind.BLOCK_UPDATE:
             text = f"task_loss(P({i}->{n})(f_{i}(h_{i - 1})), y)" if task.path else f"task_loss(f_{n}(h_{n - 1}), y)"
             if task.head is not None:
-                text += f" + {config.local_head_weight:g} * task_loss(c_{i}(f_{i}(h_{i - 1})), y)"
+                text += f" + {config.head_weight:g} * task_loss(c_{i}(f_{i}(h_{i - 1})), y)"
             unit = TrainingUnit(f"block{i}", "block", i, text + "; path nodes frozen", task.path, i - 1, task=task)
             blocks = {i} | _path_blocks(m, task.path)
         else:

@@ -20,7 +20,7 @@ end-to-end (BP) gradient, and how well each coupler stands in for the span of bl
 
 ``paths="exact"`` replaces every coupler by the exact frozen chain of its span, in the paths and in
 the tree estimate alike. Local gradients then equal the BP gradients (cosine 1 up to rounding) when
-the objective is ``"hbll"`` without local heads (``local_head_weight=0``, the default): the
+the objective is ``"hbll"`` without local heads (``local_head_weight=0``): the
 instrument's self-check. A parameter shared by several blocks (tied weights) is compared with the
 sum of the local gradients that reach it, which is what its ``.grad`` holds after a training step. Under ``"bp"`` the
 local gradient *is* the BP gradient, so paths are always exact there.
@@ -34,7 +34,8 @@ compared under common random numbers.
 Example:
     >>> import torch, hbll_compile as hc
     >>> net = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()) for _ in range(4)])
-    >>> m = hc.hbll_compile(net, (torch.randn(2, 8),), blocks=4, loss=torch.nn.functional.mse_loss)
+    >>> m = hc.hbll_compile(net, (torch.randn(2, 8),), blocks=4, loss=torch.nn.functional.mse_loss,
+    ...                     config=hc.HBLLConfig(local_head_weight=0))
     >>> x, y = torch.randn(16, 8), torch.randn(16, 8)
     >>> exact = m.gradient_report(x, target=y, paths="exact")
     >>> all(abs(b.cosine - 1) < 1e-5 for b in exact.blocks)

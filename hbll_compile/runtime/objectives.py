@@ -106,11 +106,11 @@ def head_loss(units: Units, i: int, h: torch.Tensor, y: torch.Tensor) -> torch.T
 
 def block_loss(units: Units, task: Task, out: torch.Tensor, y: torch.Tensor, env: Env) -> LocalLoss:
     """A ``BLOCK_UPDATE``'s losses given block i's output ``out``: the path loss, plus
-    ``local_head_weight`` times its fused head's loss when ``task.head`` is set."""
+    ``config.head_weight`` times its fused head's loss when ``task.head`` is set."""
     loss = path_loss(units, task.path, out, y, env)
     if task.head is None:
         return LocalLoss(loss, loss)
-    return LocalLoss(loss, loss + units.config.local_head_weight * head_loss(units, task.unit.id, out, y))
+    return LocalLoss(loss, loss + units.config.head_weight * head_loss(units, task.unit.id, out, y))
 
 
 def update_loss(

@@ -27,8 +27,8 @@ BP_BACKWARD      block i         (h_N, y) or (h_i, g_i)          (g_{i-1},) or (
   an executor may cache it.
 - ``BLOCK_UPDATE``: loss ``ℓ(P(i->N)(f_i(h_{i-1})), y)`` through the nodes in ``path``; gradients reach
   f_i only. In wavefront mode it also writes its detached output ``f_i(h_{i-1})`` as ``h{i}@next``.
-  When ``task.head`` names a local head (HBLL with ``local_head_weight > 0``), the head's weighted loss
-  ``λ·ℓ(c_i(f_i(h_{i-1})), y)`` joins the update: one block forward, one backward into block and head.
+  When ``task.head`` names a local head (see ``HBLLConfig.local_head_weight``), the head's weighted
+  loss ``λ·ℓ(c_i(f_i(h_{i-1})), y)`` joins the update: one block forward, one backward into block and head.
   The head runs beside the path, so the task costs ``max(2 + 2·len(path), 4)``.
 - ``COUPLER_UPDATE``: consistency ``‖C_v(h_a) - sg(target)‖²`` plus the task loss
   ``ℓ(P(b->N)(C_v(h_a)), y)`` through ``path``; gradients reach C_v only. In tree mode ``h_t`` is the
@@ -73,7 +73,7 @@ Example:
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -412,14 +412,14 @@ def build_hbll(
     inputs: Literal["tree", "wavefront"] = "wavefront",
     corrections: int = 2,
     correction: Literal["parareal", "jacobi"] = "parareal",
-    head_weight: float = 0.0,
+    heads: Collection[int] = (),
 ) -> Schedule:
     """The HBLL step over ``tree`` (DESIGN §2). Defaults follow :class:`~hbll_compile.config.HBLLConfig`.
 
     ``inputs="tree"``: L estimate stages, ``corrections`` sweeps (L stages each for Parareal, one for
     Jacobi), then one local-update stage. ``inputs="wavefront"``: only the local-update stage, on values
-    carried over from earlier steps; ``corrections`` and ``correction`` are ignored. Blocks 1..N-1 fuse
-    a local head into their update when ``head_weight > 0``.
+    carried over from earlier steps; ``corrections`` and ``correction`` are ignored. Blocks i in
+    ``heads`` (1..N-1) fuse their local head into their update.
 
     Example:
         >>> t = Tree.from_splits(4, {(0, 4): 2, (0, 2): 1, (2, 4): 3})
@@ -434,14 +434,15 @@ def build_hbll(
         raise ValueError(f"correction must be 'parareal' or 'jacobi', got {correction!r}")
     if corrections < 0:
         raise ValueError(f"corrections must be >= 0, got {corrections}")
-    if head_weight < 0:
-        raise ValueError(f"head_weight must be >= 0, got {head_weight}")
+    if not set(heads) <= set(range(1, tree.n_blocks)):
+        raise ValueError(f"heads must be blocks in 1..{tree.n_blocks - 1}, got {sorted(heads)}")
+    heads = frozenset(heads)
     if inputs == "wavefront":
-        return _validated("hbll-wavefront", [_wavefront_updates(tree, head_weight > 0)], None)
+        return _validated("hbll-wavefront", [_wavefront_updates(tree, heads)], None)
     stages = _estimate_sweep(tree, 0)
     for k in range(1, corrections + 1):
         stages += _jacobi_sweep(tree, k) if correction == "jacobi" else _estimate_sweep(tree, k)
-    stages.append(_tree_updates(tree, corrections, head_weight > 0))
+    stages.append(_tree_updates(tree, corrections, heads))
     return _validated(f"hbll-tree-{correction}-K{corrections}", stages, frozenset({_X, _Y}))
 
 
@@ -477,7 +478,7 @@ def _jacobi_sweep(tree: Tree, k: int) -> list[Stage]:
     return [stage] if stage else []
 
 
-def _tree_updates(tree: Tree, sweep: int, heads: bool) -> Stage:
+def _tree_updates(tree: Tree, sweep: int, heads: frozenset[int]) -> Stage:
     n = tree.n_blocks
     blocks = [_block_update(tree, i, (_estimate(i - 1, sweep), _Y), (), heads) for i in range(1, n + 1)]
     couplers = [
@@ -487,7 +488,7 @@ def _tree_updates(tree: Tree, sweep: int, heads: bool) -> Stage:
     return (*blocks, *couplers)
 
 
-def _wavefront_updates(tree: Tree, heads: bool) -> Stage:
+def _wavefront_updates(tree: Tree, heads: frozenset[int]) -> Stage:
     n = tree.n_blocks
 
     def block_reads(i: int) -> tuple[Value, Value]:
@@ -503,9 +504,11 @@ def _wavefront_updates(tree: Tree, heads: bool) -> Stage:
     return (*blocks, *couplers)
 
 
-def _block_update(tree: Tree, i: int, reads: tuple[Value, ...], writes: tuple[Value, ...], heads: bool) -> Task:
+def _block_update(
+    tree: Tree, i: int, reads: tuple[Value, ...], writes: tuple[Value, ...], heads: frozenset[int]
+) -> Task:
     path = tuple(node.id for node in tree.path(i))
-    head = Unit.head(i) if heads and i < tree.n_blocks else None
+    head = Unit.head(i) if i in heads else None
     evals = max(2 + 2 * len(path), _HEAD_EVALS if head else 0)
     return Task(TaskKind.BLOCK_UPDATE, Unit.block(i), reads, writes, evals=evals, path=path, head=head)
 
