@@ -18,6 +18,8 @@ Inputs = Literal["tree", "wavefront"]
 Correction = Literal["parareal", "jacobi"]
 ExecutorKind = Literal["loop", "batched"]
 OutputTail = Literal["auto", "head", "block"]
+CouplerCondition = Literal["none", "label"]
+CouplerMixing = Literal["none", "causal_conv"]
 
 _CHOICES = {
     "objective": get_args(Objective),
@@ -25,6 +27,8 @@ _CHOICES = {
     "correction": get_args(Correction),
     "executor": get_args(ExecutorKind),
     "output_tail": get_args(OutputTail),
+    "coupler_condition": get_args(CouplerCondition),
+    "coupler_mixing": get_args(CouplerMixing),
 }
 """Every choice field and its allowed values, read from the Literal types (one place)."""
 
@@ -58,6 +62,23 @@ class HBLLConfig:
             cannot model attention. ``"head"``: block N from its last legal cut on, even after a
             normalisation. ``"block"``: all of block N. A short tail keeps a step cheap on networks
             whose last block holds real layers. Measurements behind the rule: BENCHMARKS.md (issue 12).
+        coupler_condition: what couplers see besides their input boundary. ``"none"`` (default).
+            ``"label"``: the target, for classification (integer class labels per sample, or per token
+            for sequence outputs such as a language model's next tokens): each coupler embeds it
+            (:class:`~hbll_compile.nn.coupling.LabelEmbedding`) and adds the embedding inside its
+            coupling layers, the lever of label-conditioned synthetic gradients (cDNI). A coupler
+            stays exactly invertible in its input for each fixed label, and a fresh one equals an
+            unconditioned one. Where no label is known (``m(x, depth=d)``, ``depth_report``, ONNX
+            export) couplers use their learned "no label" vector, trained by ``label_dropout``.
+            Refused (``LoweringError`` at compile time, ``TrainingError`` at the first step) for
+            outputs that are not logits or targets that are not class labels.
+        label_dropout: under ``coupler_condition="label"``, the probability that a coupler sees "no
+            label" instead of a sample's label in training mode, so that depth-d subnetworks work
+            without labels.
+        coupler_mixing: token mixing inside couplers that work on sequences (T, D). ``"none"``
+            (default): per-token maps. ``"causal_conv"``: F and G add a causal depthwise convolution
+            over time (see :data:`~hbll_compile.nn.coupling.CAUSAL_KERNEL`), so couplers can stand in
+            for attention; no output token reads a later input token.
         local_head_weight: weight λ of the local-head losses (0 disables heads under ``"hbll"``).
         consistency_weight: weight of each coupler's consistency term ``‖C_v(h_a) − sg(h_b)‖²``.
         coupler_path_weight: weight of the task loss through a coupler's own path. DESIGN §2 adds it
@@ -79,6 +100,9 @@ class HBLLConfig:
     coupler_layers: int = 2
     coupler_gain: float = 4.0
     output_tail: OutputTail = "auto"
+    coupler_condition: CouplerCondition = "none"
+    label_dropout: float = 0.1
+    coupler_mixing: CouplerMixing = "none"
     local_head_weight: float = 0.0
     consistency_weight: float = 1.0
     coupler_path_weight: float = 0.0
@@ -94,6 +118,8 @@ class HBLLConfig:
             raise ValueError(f"HBLLConfig.corrections must be >= 0, got {self.corrections}")
         if self.coupler_cost <= 0:
             raise ValueError(f"HBLLConfig.coupler_cost must be > 0, got {self.coupler_cost}")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"HBLLConfig.label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.coupler_gain <= 0:
             raise ValueError(f"HBLLConfig.coupler_gain must be > 0, got {self.coupler_gain}")
 

@@ -16,6 +16,7 @@ from hbll_compile.nn import (
     Compose,
     Coupler,
     Flatten,
+    LabelEmbedding,
     SpaceToDepth,
     make_adapter,
     make_head,
@@ -154,8 +155,7 @@ def test_conditioned_coupler_is_invertible_for_each_fixed_condition(pair, hidden
     randomize(coupler)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(BATCH, *in_shape, generator=gen)
-    space = coupler.layers[0].shape
-    cond, other = (condition(space, cond_dim, per_token, gen) for _ in range(2))
+    cond, other = (condition(coupler.space, cond_dim, per_token, gen) for _ in range(2))
     y = coupler(x, cond)
     assert tuple(y.shape) == (BATCH, *out_shape)
     assert not torch.allclose(y, coupler(x, other)), "the condition should change the output"
@@ -213,6 +213,52 @@ def test_wrong_conditions_raise():
         Coupler((4,), (4,), hidden=4)(torch.randn(2, 4), torch.randn(2, 3))
     with pytest.raises(ValueError, match="encoder needs cond_dim > 0"):
         Coupler((4,), (4,), hidden=4, encoder=torch.nn.Identity())
+
+
+@FAST
+@given(st.integers(2, 12), st.integers(2, 9), st.integers(2, 12), st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_causal_token_mixing_is_causal_mixes_and_is_invertible(t, d, d_out, n_layers, seed):
+    torch.manual_seed(seed)
+    coupler = Coupler((t, d), (t, d_out), hidden=6, n_layers=n_layers, mixing="causal_conv", cond_dim=2)
+    randomize(coupler)
+    x, cond = torch.randn(BATCH, t, d), torch.randn(BATCH, t, 2)
+    y = coupler(x, cond)
+    for s in range(t - 1):  # perturbing token s + 1 (input and condition) leaves every output up to s unchanged
+        x2, cond2 = x.clone(), cond.clone()
+        x2[:, s + 1] += torch.randn(BATCH, d)
+        cond2[:, s + 1] += 1.0
+        y2 = coupler(x2, cond2)
+        torch.testing.assert_close(y2[:, : s + 1], y[:, : s + 1], rtol=0, atol=0)
+    x3 = x.clone()
+    x3[:, 0] += 1.0
+    assert not torch.allclose(coupler(x3, cond)[:, 1], y[:, 1]), "token 1 should read token 0"
+    if coupler.injective:
+        torch.testing.assert_close(coupler.inverse(y, cond), x, atol=1e-5, rtol=0)
+    if coupler.adapter.surjective:
+        target = torch.randn(BATCH, t, d_out)
+        torch.testing.assert_close(coupler(coupler.inverse(target, cond), cond), target, atol=1e-5, rtol=0)
+
+
+def test_token_mixing_leaves_vectors_and_images_alone():
+    for shape in ((6,), (3, 4, 4)):
+        plain, mixed = Coupler(shape, shape, hidden=4), Coupler(shape, shape, hidden=4, mixing="causal_conv")
+        assert mixed.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_label_embedding_has_a_no_label_vector_that_dropout_trains():
+    torch.manual_seed(0)
+    embed = LabelEmbedding(5, 3, dropout=0.5)
+    labels = torch.tensor([0, 4, -100, 2])
+    embed.eval()
+    out = embed(labels)
+    torch.testing.assert_close(out[2], embed.table.weight[5])
+    torch.testing.assert_close(out[[0, 1, 3]], embed.table.weight[[0, 4, 2]])
+    torch.testing.assert_close(embed(None), embed.table.weight[5:])
+    assert embed(torch.zeros(2, 7, dtype=torch.long)).shape == (2, 7, 3)
+    embed.train()
+    dropped = embed(torch.zeros(1000, dtype=torch.long))
+    share = (dropped == embed.table.weight[5]).all(dim=1).float().mean().item()
+    assert 0.4 < share < 0.6, share  # half the labels replaced by "no label"
 
 
 @FAST

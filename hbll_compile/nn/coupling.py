@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import chain
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import Shape, ShapeAdapter, as_shape, check_batch, feature_axis, make_adapter
 
-__all__ = ["AdditiveCoupling", "Coupler", "check_cond"]
+__all__ = ["CAUSAL_KERNEL", "AdditiveCoupling", "Coupler", "LabelEmbedding", "Mixing", "check_cond"]
 
 
 def _broadcast(c: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -60,6 +60,14 @@ def check_cond(cond: torch.Tensor | None, x: torch.Tensor, shape: Shape, cond_di
         raise ValueError(f"{where} expects a floating-point cond but got {cond.dtype}; embed labels first")
 
 
+Mixing = Literal["none", "causal_conv"]
+"""Token mixing inside the F and G nets of sequence couplings (see :class:`AdditiveCoupling`)."""
+
+CAUSAL_KERNEL = 8
+"""Taps of the causal depthwise convolution of ``mixing="causal_conv"``: each one sees the current and
+the 7 previous tokens, so two coupling layers (F and G each) see 29 tokens back."""
+
+
 class _ResidualNet(nn.Sequential):
     """The F or G net of a coupling layer; its last layer starts at zero.
 
@@ -67,10 +75,15 @@ class _ResidualNet(nn.Sequential):
     and the 1x1 conv keeps the channel expansion cheap. Vectors and sequences:
     Linear -> GELU -> Linear over the feature axis. With ``cond_dim > 0`` a condition vector is
     projected (by ``cond``, a zero-initialised (hidden, cond_dim) matrix, so a fresh net ignores
-    it) and added to the first layer's output before the GELU.
+    it) and added to the first layer's output before the GELU. With ``mixing="causal_conv"`` on a
+    sequence, ``mix``, a depthwise convolution over time padded on the left only, adds
+    ``mix(h)`` to the hidden layer ``h`` before the GELU, so the output at token t reads tokens
+    t - CAUSAL_KERNEL + 1 .. t and never a later one.
     """
 
-    def __init__(self, shape: Shape, in_channels: int, out_channels: int, hidden: int, cond_dim: int) -> None:
+    def __init__(
+        self, shape: Shape, in_channels: int, out_channels: int, hidden: int, cond_dim: int, mixing: Mixing
+    ) -> None:
         if len(shape) == 3:
             first: nn.Module = nn.Conv2d(in_channels, hidden, 1)
             last: nn.Conv2d | nn.Linear = nn.Conv2d(hidden, out_channels, 3, padding=1)
@@ -80,11 +93,15 @@ class _ResidualNet(nn.Sequential):
         nn.init.zeros_(last.bias)  # type: ignore[arg-type]  # both layers have a bias
         super().__init__(first, nn.GELU(), last)
         self.cond = nn.Parameter(torch.zeros(hidden, cond_dim)) if cond_dim else None
+        self.mix = nn.Conv1d(hidden, hidden, CAUSAL_KERNEL, groups=hidden) if mixing != "none" and len(shape) == 2 \
+            else None
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         h = self[0](x)
         if self.cond is not None and cond is not None:
             h = h + _broadcast(F.linear(cond, self.cond), h)
+        if self.mix is not None:  # (B, T, H): convolve over T, padded on the left so no token sees a later one
+            h = h + self.mix(F.pad(h.transpose(1, 2), (CAUSAL_KERNEL - 1, 0))).transpose(1, 2)
         return self[2](self[1](h))
 
 
@@ -109,6 +126,12 @@ class AdditiveCoupling(nn.Module):
     to its scalar), so a fresh conditioned layer equals the unconditioned one, and for every fixed c
     the layer is exactly invertible in x.
 
+    **Token mixing.** With ``mixing="causal_conv"`` and a sequence ``shape`` (T, D), F and G also
+    mix tokens with a causal depthwise convolution over time (see ``CAUSAL_KERNEL``), so the layer
+    can stand in for attention; the output at token t depends on tokens <= t only, and the layer
+    stays exactly invertible (F and G may be any functions). On vectors and images (whose 3x3
+    convolution already mixes space) ``mixing`` changes nothing.
+
     Example:
         >>> layer = AdditiveCoupling((10, 6), hidden=16)
         >>> x = torch.randn(4, 10, 6)
@@ -119,7 +142,9 @@ class AdditiveCoupling(nn.Module):
         torch.Size([4, 6])
     """
 
-    def __init__(self, shape: Sequence[int], hidden: int, gain: float = 1.0, cond_dim: int = 0) -> None:
+    def __init__(
+        self, shape: Sequence[int], hidden: int, gain: float = 1.0, cond_dim: int = 0, mixing: Mixing = "none"
+    ) -> None:
         super().__init__()
         if hidden < 1 or cond_dim < 0:
             raise ValueError(f"AdditiveCoupling needs hidden >= 1 and cond_dim >= 0 but got {hidden} and {cond_dim}")
@@ -127,6 +152,7 @@ class AdditiveCoupling(nn.Module):
         self.hidden = hidden
         self.gain = gain
         self.cond_dim = cond_dim
+        self.mixing = mixing
         self.axis = feature_axis(self.shape) + 1  # feature axis of the batched tensor
         d = self.shape[self.axis - 1]
         self.split = (d // 2, d - d // 2)
@@ -136,8 +162,8 @@ class AdditiveCoupling(nn.Module):
             self.offset = nn.Parameter(torch.zeros(()))
             self.offset_cond = nn.Parameter(torch.zeros(1, cond_dim)) if cond_dim else None
         else:
-            self.f = _ResidualNet(self.shape, self.split[1], self.split[0], hidden, cond_dim)
-            self.g = _ResidualNet(self.shape, self.split[0], self.split[1], hidden, cond_dim)
+            self.f = _ResidualNet(self.shape, self.split[1], self.split[0], hidden, cond_dim, mixing)
+            self.g = _ResidualNet(self.shape, self.split[0], self.split[1], hidden, cond_dim, mixing)
 
     def _shift(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """The d == 1 layer's offset b(c)."""
@@ -164,7 +190,8 @@ class AdditiveCoupling(nn.Module):
         return torch.cat((y1 - self.gain * self.f(x2, cond), x2), dim=self.axis)
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}, hidden={self.hidden}, gain={self.gain:g}, cond_dim={self.cond_dim}"
+        return (f"shape={self.shape}, hidden={self.hidden}, gain={self.gain:g}, cond_dim={self.cond_dim}, "
+                f"mixing={self.mixing}")
 
 
 class Coupler(nn.Module):
@@ -182,6 +209,7 @@ class Coupler(nn.Module):
     invertible in x for each fixed condition. ``encoder``, when given, is a submodule that maps a raw
     condition (for example integer labels, see :class:`LabelEmbedding`) to that vector:
     ``coupler(x, coupler.encode(raw))``; it trains with the coupler's other parameters.
+    ``mixing`` is passed to the layers (token mixing where they work on a sequence).
 
     Example:
         >>> c = Coupler((64,), (64,), hidden=32)
@@ -192,7 +220,7 @@ class Coupler(nn.Module):
 
     def __init__(
         self, in_shape: Sequence[int], out_shape: Sequence[int], hidden: int, n_layers: int = 2, gain: float = 1.0,
-        cond_dim: int = 0, encoder: nn.Module | None = None,
+        cond_dim: int = 0, encoder: nn.Module | None = None, mixing: Mixing = "none",
     ) -> None:
         super().__init__()
         if n_layers < 0:
@@ -205,8 +233,11 @@ class Coupler(nn.Module):
         self.hidden = hidden
         self.cond_dim = cond_dim
         self.couple_first = not self.adapter.injective
-        space = self.in_shape if self.couple_first else self.out_shape
-        self.layers = nn.ModuleList(AdditiveCoupling(space, hidden, gain, cond_dim) for _ in range(n_layers))
+        self.space = self.in_shape if self.couple_first else self.out_shape
+        """The per-sample shape the coupling layers work on (and a condition must fit)."""
+        self.layers = nn.ModuleList(
+            AdditiveCoupling(self.space, hidden, gain, cond_dim, mixing) for _ in range(n_layers)
+        )
         self.encoder = encoder
 
     @property
@@ -266,9 +297,10 @@ class Coupler(nn.Module):
         gain: float = 1.0,
         cond_dim: int = 0,
         encoder: nn.Module | None = None,
+        mixing: Mixing = "none",
     ) -> Coupler:
         """The coupler with the largest ``hidden`` whose per-sample ``flops()`` is at most ``flop_budget``
-        (``gain``, ``cond_dim`` and ``encoder`` are passed on to the constructor).
+        (``gain``, ``cond_dim``, ``encoder`` and ``mixing`` are passed on to the constructor).
 
         Candidates are measured on the meta device. The search keeps a bracket (a width
         that fits, a width that does not) and probes where the secant through the two
@@ -288,7 +320,7 @@ class Coupler(nn.Module):
 
         def cost(hidden: int) -> int:
             with torch.device("meta"):
-                candidate = cls(in_shape, out_shape, hidden, n_layers, cond_dim=cond_dim)
+                candidate = cls(in_shape, out_shape, hidden, n_layers, cond_dim=cond_dim, mixing=mixing)
             return candidate.flops()
 
         def secant(lo: int, c_lo: int, hi: int, c_hi: int) -> int:
@@ -297,7 +329,7 @@ class Coupler(nn.Module):
         lo, hi = min_hidden, 2 * min_hidden
         c_lo, c_hi = cost(lo), cost(hi)
         if c_lo > flop_budget or c_hi == c_lo:
-            return cls(in_shape, out_shape, min_hidden, n_layers, gain, cond_dim, encoder)
+            return cls(in_shape, out_shape, min_hidden, n_layers, gain, cond_dim, encoder, mixing)
         while c_hi <= flop_budget:  # grow the bracket past the budget
             lo, c_lo, hi = hi, c_hi, max(secant(lo, c_lo, hi, c_hi) + 1, hi + 1)
             c_hi = cost(hi)
@@ -305,4 +337,42 @@ class Coupler(nn.Module):
             mid = min(max(secant(lo, c_lo, hi, c_hi), lo + 1), hi - 1)
             c_mid = cost(mid)
             lo, c_lo, hi, c_hi = (mid, c_mid, hi, c_hi) if c_mid <= flop_budget else (lo, c_lo, mid, c_mid)
-        return cls(in_shape, out_shape, lo, n_layers, gain, cond_dim, encoder)
+        return cls(in_shape, out_shape, lo, n_layers, gain, cond_dim, encoder, mixing)
+
+
+class LabelEmbedding(nn.Module):
+    """Integer class labels to learned vectors: the condition of label-conditioned couplers.
+
+    Rules: labels 0 .. ``num_classes - 1`` have a vector each; one more learned vector stands for
+    "no label". It is used for ``None`` (inference, where the label is unknown: the result is one
+    (1, dim) row that broadcasts over the batch) and for negative labels (``-100``,
+    ``cross_entropy``'s ``ignore_index``). In training mode every label is replaced by "no label"
+    with probability ``dropout`` (drawn from the global RNG, as ``nn.Dropout`` does), so that vector
+    learns to stand for an unknown label. Labels of shape (B,) give (B, dim), per-token labels (B, T)
+    give (B, T, dim).
+
+    Example:
+        >>> embed = LabelEmbedding(10, 4, dropout=0.0)
+        >>> embed(torch.tensor([3, 7])).shape, embed(None).shape
+        (torch.Size([2, 4]), torch.Size([1, 4]))
+    """
+
+    def __init__(self, num_classes: int, dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if num_classes < 1 or dim < 1 or not 0 <= dropout < 1:
+            raise ValueError(f"LabelEmbedding needs num_classes >= 1, dim >= 1 and 0 <= dropout < 1 but got "
+                             f"{num_classes}, {dim} and {dropout}")
+        self.num_classes = num_classes
+        self.dropout = dropout
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is None:
+            return self.table.weight[-1:]
+        unknown = labels < 0
+        if self.training and self.dropout:
+            unknown = unknown | (torch.rand(labels.shape, device=labels.device) < self.dropout)
+        return self.table(torch.where(unknown, self.num_classes, labels))
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, dim={self.table.embedding_dim}, dropout={self.dropout:g}"
