@@ -19,7 +19,7 @@ Correction = Literal["parareal", "jacobi"]
 ExecutorKind = Literal["loop", "batched"]
 OutputTail = Literal["auto", "head", "block"]
 CouplerCondition = Literal["none", "label"]
-CouplerMixing = Literal["none", "causal_conv"]
+CouplerMixing = Literal["none", "causal_conv", "causal_attention"]
 
 _CHOICES = {
     "objective": get_args(Objective),
@@ -77,8 +77,9 @@ class HBLLConfig:
             without labels.
         coupler_mixing: token mixing inside couplers that work on sequences (T, D). ``"none"``
             (default): per-token maps. ``"causal_conv"``: F and G add a causal depthwise convolution
-            over time (see :data:`~hbll_compile.nn.coupling.CAUSAL_KERNEL`), so couplers can stand in
-            for attention; no output token reads a later input token.
+            over time (see :data:`~hbll_compile.nn.coupling.CAUSAL_KERNEL`); ``"causal_attention"``:
+            one small causal attention head (see :data:`~hbll_compile.nn.coupling.ATTENTION_DIM`).
+            Either lets couplers stand in for attention; no output token reads a later input token.
         local_head_weight: weight λ of the local-head losses (0 disables heads under ``"hbll"``).
         consistency_weight: weight of each coupler's consistency term ``‖C_v(h_a) − sg(h_b)‖²``.
         coupler_path_weight: weight of the task loss through a coupler's own path. DESIGN §2 adds it

@@ -113,8 +113,9 @@ def test_label_conditioning_refuses_what_is_not_classification() -> None:
         hc.HBLLConfig(label_dropout=1.0)
 
 
-def test_causal_token_mixing_keeps_depth_subnetworks_causal() -> None:
-    m = compile_case("gpt", 4, coupler_mixing="causal_conv")
+@pytest.mark.parametrize("mixing", ["causal_conv", "causal_attention"])
+def test_causal_token_mixing_keeps_depth_subnetworks_causal(mixing: str) -> None:
+    m = compile_case("gpt", 4, coupler_mixing=mixing)
     assert all(c.layers[0].f.mix is not None for c in m.couplers.values())
     x, y = ZOO["gpt"].example(batch=2), targets("gpt", 2)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
@@ -134,7 +135,8 @@ def test_causal_token_mixing_keeps_depth_subnetworks_causal() -> None:
 
 def test_coupler_options_are_recorded_in_the_plan_budget() -> None:
     """Both options stay within the coupler's FLOP budget (their cost is part of the search)."""
-    for config in ({"coupler_condition": "label"}, {"coupler_mixing": "causal_conv"}):
+    for config in ({"coupler_condition": "label"}, {"coupler_mixing": "causal_conv"},
+                   {"coupler_mixing": "causal_attention"}):
         m = compile_case("gpt", 4, **config)
         for plan in m.coupler_plans:
             coupler = m.couplers[str(plan.node)]

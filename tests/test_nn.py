@@ -216,10 +216,11 @@ def test_wrong_conditions_raise():
 
 
 @FAST
-@given(st.integers(2, 12), st.integers(2, 9), st.integers(2, 12), st.integers(1, 3), st.integers(0, 2**31 - 1))
-def test_causal_token_mixing_is_causal_mixes_and_is_invertible(t, d, d_out, n_layers, seed):
+@given(st.integers(2, 12), st.integers(2, 9), st.integers(2, 12), st.integers(1, 3),
+       st.sampled_from(["causal_conv", "causal_attention"]), st.integers(0, 2**31 - 1))
+def test_causal_token_mixing_is_causal_mixes_and_is_invertible(t, d, d_out, n_layers, mixing, seed):
     torch.manual_seed(seed)
-    coupler = Coupler((t, d), (t, d_out), hidden=6, n_layers=n_layers, mixing="causal_conv", cond_dim=2)
+    coupler = Coupler((t, d), (t, d_out), hidden=6, n_layers=n_layers, mixing=mixing, cond_dim=2)
     randomize(coupler)
     x, cond = torch.randn(BATCH, t, d), torch.randn(BATCH, t, 2)
     y = coupler(x, cond)
@@ -239,10 +240,21 @@ def test_causal_token_mixing_is_causal_mixes_and_is_invertible(t, d, d_out, n_la
         torch.testing.assert_close(coupler(coupler.inverse(target, cond), cond), target, atol=1e-5, rtol=0)
 
 
-def test_token_mixing_leaves_vectors_and_images_alone():
+@pytest.mark.parametrize("mixing", ["causal_conv", "causal_attention"])
+def test_token_mixing_leaves_vectors_and_images_alone(mixing):
     for shape in ((6,), (3, 4, 4)):
-        plain, mixed = Coupler(shape, shape, hidden=4), Coupler(shape, shape, hidden=4, mixing="causal_conv")
+        plain, mixed = Coupler(shape, shape, hidden=4), Coupler(shape, shape, hidden=4, mixing=mixing)
         assert mixed.state_dict().keys() == plain.state_dict().keys()
+
+
+@pytest.mark.parametrize(("mixing", "per_net"), [
+    ("causal_conv", lambda t, h: 2 * t * h * 8),  # CAUSAL_KERNEL taps per hidden feature and token
+    ("causal_attention", lambda t, h: 2 * t * h * 32 + 2 * t * t * 16 + 2 * t * t * h),  # q, k; q k^T; weights v
+])
+def test_token_mixing_flops_are_counted(mixing, per_net):
+    t, d, hidden, n_layers = 10, 6, 5, 2
+    plain, mixed = Coupler((t, d), (t, d), hidden, n_layers), Coupler((t, d), (t, d), hidden, n_layers, mixing=mixing)
+    assert mixed.flops() == plain.flops() + n_layers * 2 * per_net(t, hidden)
 
 
 def test_label_embedding_has_a_no_label_vector_that_dropout_trains():

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import Shape, ShapeAdapter, as_shape, check_batch, feature_axis, make_adapter
 
-__all__ = ["CAUSAL_KERNEL", "AdditiveCoupling", "Coupler", "LabelEmbedding", "Mixing", "check_cond"]
+__all__ = ["ATTENTION_DIM", "CAUSAL_KERNEL", "AdditiveCoupling", "Coupler", "LabelEmbedding", "Mixing", "check_cond"]
 
 
 def _broadcast(c: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -60,12 +60,43 @@ def check_cond(cond: torch.Tensor | None, x: torch.Tensor, shape: Shape, cond_di
         raise ValueError(f"{where} expects a floating-point cond but got {cond.dtype}; embed labels first")
 
 
-Mixing = Literal["none", "causal_conv"]
+Mixing = Literal["none", "causal_conv", "causal_attention"]
 """Token mixing inside the F and G nets of sequence couplings (see :class:`AdditiveCoupling`)."""
 
 CAUSAL_KERNEL = 8
 """Taps of the causal depthwise convolution of ``mixing="causal_conv"``: each one sees the current and
 the 7 previous tokens, so two coupling layers (F and G each) see 29 tokens back."""
+
+ATTENTION_DIM = 16
+"""Query and key features of the attention head of ``mixing="causal_attention"``."""
+
+
+class _CausalConv(nn.Module):
+    """A depthwise convolution over time of a (B, T, H) batch, padded on the left only: the output at
+    token t reads tokens t - CAUSAL_KERNEL + 1 .. t."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(hidden, hidden, CAUSAL_KERNEL, groups=hidden)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(h.transpose(1, 2), (CAUSAL_KERNEL - 1, 0))).transpose(1, 2)
+
+
+class _CausalAttention(nn.Module):
+    """One causal attention head over a (B, T, H) batch: queries and keys of ``ATTENTION_DIM`` features,
+    the H features themselves as values; the output at token t reads tokens 0 .. t."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.qk = nn.Linear(hidden, 2 * ATTENTION_DIM, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        q, k = self.qk(h).chunk(2, dim=-1)
+        return F.scaled_dot_product_attention(q, k, h, is_causal=True)
+
+
+_MIXERS: dict[str, type[nn.Module]] = {"causal_conv": _CausalConv, "causal_attention": _CausalAttention}
 
 
 class _ResidualNet(nn.Sequential):
@@ -75,10 +106,10 @@ class _ResidualNet(nn.Sequential):
     and the 1x1 conv keeps the channel expansion cheap. Vectors and sequences:
     Linear -> GELU -> Linear over the feature axis. With ``cond_dim > 0`` a condition vector is
     projected (by ``cond``, a zero-initialised (hidden, cond_dim) matrix, so a fresh net ignores
-    it) and added to the first layer's output before the GELU. With ``mixing="causal_conv"`` on a
-    sequence, ``mix``, a depthwise convolution over time padded on the left only, adds
-    ``mix(h)`` to the hidden layer ``h`` before the GELU, so the output at token t reads tokens
-    t - CAUSAL_KERNEL + 1 .. t and never a later one.
+    it) and added to the first layer's output before the GELU. With a token ``mixing`` on a
+    sequence, ``mix`` (a causal depthwise convolution over time, or one causal attention head) adds
+    ``mix(h)`` to the hidden layer ``h`` before the GELU; the output at token t never reads a later
+    token.
     """
 
     def __init__(
@@ -93,15 +124,14 @@ class _ResidualNet(nn.Sequential):
         nn.init.zeros_(last.bias)  # type: ignore[arg-type]  # both layers have a bias
         super().__init__(first, nn.GELU(), last)
         self.cond = nn.Parameter(torch.zeros(hidden, cond_dim)) if cond_dim else None
-        self.mix = nn.Conv1d(hidden, hidden, CAUSAL_KERNEL, groups=hidden) if mixing != "none" and len(shape) == 2 \
-            else None
+        self.mix = _MIXERS[mixing](hidden) if mixing != "none" and len(shape) == 2 else None
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         h = self[0](x)
         if self.cond is not None and cond is not None:
             h = h + _broadcast(F.linear(cond, self.cond), h)
-        if self.mix is not None:  # (B, T, H): convolve over T, padded on the left so no token sees a later one
-            h = h + self.mix(F.pad(h.transpose(1, 2), (CAUSAL_KERNEL - 1, 0))).transpose(1, 2)
+        if self.mix is not None:
+            h = h + self.mix(h)
         return self[2](self[1](h))
 
 
@@ -126,9 +156,10 @@ class AdditiveCoupling(nn.Module):
     to its scalar), so a fresh conditioned layer equals the unconditioned one, and for every fixed c
     the layer is exactly invertible in x.
 
-    **Token mixing.** With ``mixing="causal_conv"`` and a sequence ``shape`` (T, D), F and G also
-    mix tokens with a causal depthwise convolution over time (see ``CAUSAL_KERNEL``), so the layer
-    can stand in for attention; the output at token t depends on tokens <= t only, and the layer
+    **Token mixing.** With ``mixing="causal_conv"`` or ``"causal_attention"`` and a sequence ``shape``
+    (T, D), F and G also mix tokens, with a causal depthwise convolution over time (see
+    ``CAUSAL_KERNEL``) or one causal attention head (see ``ATTENTION_DIM``), so the layer can stand in
+    for attention; the output at token t depends on tokens <= t only, and the layer
     stays exactly invertible (F and G may be any functions). On vectors and images (whose 3x3
     convolution already mixes space) ``mixing`` changes nothing.
 
