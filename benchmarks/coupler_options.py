@@ -1,6 +1,7 @@
 """Coupler options (issue 13): held-out quality and gradient fidelity of one HBLL run per option.
 
-Each run trains like ``accuracy.py`` does (same networks, data, seeds and AdamW loop), then measures
+Each run trains like ``accuracy.py`` does (same networks: the char-GPT, the MNIST CNN with BatchNorm,
+``ResMLP(256, 16)``; same data, seeds and AdamW loop), then measures
 ``m.gradient_report`` on a fixed held-out batch: the mean block cosine, the whole-update cosine and the
 per-block cosines against exact backprop.
 
@@ -45,14 +46,17 @@ def _chargpt(n: int, seed: int, steps: int, config: dict[str, Any]) -> tuple[Any
     return m, {"perplexity": ppl}, ((torch.stack(x),), torch.stack(y))
 
 
-def _cnn(n: int, seed: int, epochs: int, config: dict[str, Any]) -> tuple[Any, dict[str, Any], tuple]:
+def _mnist(suite: str, n: int, seed: int, epochs: int, config: dict[str, Any]) -> tuple[Any, dict[str, Any], tuple]:
+    from mnist_resmlp import build_model
+
     import hbll_compile as hc
     from hbll_compile.data import load_mnist8k, make_loaders
     from hbll_compile.runtime.trainer import evaluate
 
-    train, test = load_mnist8k(flatten=False)
+    train, test = load_mnist8k(flatten=suite == "resmlp")
     torch.manual_seed(seed)
-    m = hc.hbll_compile(MnistCNN(), (train.tensors[0][:2],), blocks=n, loss=F.cross_entropy,
+    net = build_model(width=256, depth=16) if suite == "resmlp" else MnistCNN()
+    m = hc.hbll_compile(net, (train.tensors[0][:2],), blocks=n, loss=F.cross_entropy,
                         config=hc.HBLLConfig(seed=seed, **config))
     train_loader, test_loader = make_loaders(train, test, batch_size=128, seed=seed)
     history = m.fit(train_loader, epochs, torch.optim.AdamW(m.parameters(), lr=1e-3), test_loader, progress=False)
@@ -64,7 +68,10 @@ def _cnn(n: int, seed: int, epochs: int, config: dict[str, Any]) -> tuple[Any, d
 def run(suite: str, n: int, seed: int, length: int, config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     start = time.perf_counter()
-    m, row, (x, y) = (_chargpt if suite == "chargpt" else _cnn)(n, seed, length, config)
+    if suite == "chargpt":
+        m, row, (x, y) = _chargpt(n, seed, length, config)
+    else:
+        m, row, (x, y) = _mnist(suite, n, seed, length, config)
     seconds = time.perf_counter() - start
     m.train()
     report = m.gradient_report(*x, target=y)
@@ -76,11 +83,11 @@ def run(suite: str, n: int, seed: int, length: int, config: dict[str, Any]) -> d
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=("chargpt", "cnn"), required=True)
+    p.add_argument("--suite", choices=("chargpt", "cnn", "resmlp"), required=True)
     p.add_argument("--blocks", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=300, help="training steps (chargpt)")
-    p.add_argument("--epochs", type=int, default=2, help="training epochs (cnn)")
+    p.add_argument("--epochs", type=int, default=2, help="training epochs (cnn, resmlp)")
     p.add_argument("--configs", nargs="+", default=["{}"], help="HBLLConfig overrides as JSON, one run each")
     p.add_argument("--out", default="/tmp/issue13_couplers.jsonl")
     args = p.parse_args(argv)
