@@ -113,6 +113,13 @@ def test_label_conditioning_refuses_what_is_not_classification() -> None:
         hc.HBLLConfig(label_dropout=1.0)
 
 
+def test_training_export_refuses_label_conditioned_couplers(tmp_path) -> None:
+    m = compile_case("mlp", 4, coupler_condition="label")
+    with pytest.raises(hc.ExportError, match="labels") as info:
+        hc.export_training_artifacts(m, tmp_path)
+    assert info.value.node == "coupler_condition"
+
+
 @pytest.mark.parametrize("mixing", ["causal_conv", "causal_attention"])
 def test_causal_token_mixing_keeps_depth_subnetworks_causal(mixing: str) -> None:
     m = compile_case("gpt", 4, coupler_mixing=mixing)
