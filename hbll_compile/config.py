@@ -18,6 +18,8 @@ Inputs = Literal["tree", "wavefront"]
 Correction = Literal["parareal", "jacobi"]
 ExecutorKind = Literal["loop", "batched"]
 OutputTail = Literal["auto", "head", "block"]
+CouplerCondition = Literal["none", "label"]
+CouplerMixing = Literal["none", "causal_conv", "causal_attention"]
 
 DEFAULT_HEAD_WEIGHT = 0.5
 """λ when ``HBLLConfig.local_head_weight`` is None (chosen by measurement: BENCHMARKS.md, issue 12)."""
@@ -28,6 +30,8 @@ _CHOICES = {
     "correction": get_args(Correction),
     "executor": get_args(ExecutorKind),
     "output_tail": get_args(OutputTail),
+    "coupler_condition": get_args(CouplerCondition),
+    "coupler_mixing": get_args(CouplerMixing),
 }
 """Every choice field and its allowed values, read from the Literal types (one place)."""
 
@@ -61,6 +65,24 @@ class HBLLConfig:
             cannot model attention. ``"head"``: block N from its last legal cut on, even after a
             normalisation. ``"block"``: all of block N. A short tail keeps a step cheap on networks
             whose last block holds real layers. Measurements behind the rule: BENCHMARKS.md (issue 12).
+        coupler_condition: what couplers see besides their input boundary. ``"none"`` (default).
+            ``"label"``: the target, for classification (integer class labels per sample, or per token
+            for sequence outputs such as a language model's next tokens): each coupler embeds it
+            (:class:`~hbll_compile.nn.coupling.LabelEmbedding`) and adds the embedding inside its
+            coupling layers, the lever of label-conditioned synthetic gradients (cDNI). A coupler
+            stays exactly invertible in its input for each fixed label, and a fresh one equals an
+            unconditioned one. Where no label is known (``m(x, depth=d)``, ``depth_report``, ONNX
+            export) couplers use their learned "no label" vector, trained by ``label_dropout``.
+            Refused (``LoweringError`` at compile time, ``TrainingError`` at the first step) for
+            outputs that are not logits or targets that are not class labels.
+        label_dropout: under ``coupler_condition="label"``, the probability that a coupler sees "no
+            label" instead of a sample's label in training mode, so that depth-d subnetworks work
+            without labels.
+        coupler_mixing: token mixing inside couplers that work on sequences (T, D). ``"none"``
+            (default): per-token maps. ``"causal_conv"``: F and G add a causal depthwise convolution
+            over time (see :data:`~hbll_compile.nn.coupling.CAUSAL_KERNEL`); ``"causal_attention"``:
+            one small causal attention head (see :data:`~hbll_compile.nn.coupling.ATTENTION_DIM`).
+            Either lets couplers stand in for attention; no output token reads a later input token.
         local_head_weight: weight λ of the local-head losses added to each block's path loss under
             ``"hbll"`` (0 disables heads). ``None`` (default): :data:`DEFAULT_HEAD_WEIGHT` at every
             boundary where a local head can be built (:func:`~hbll_compile.nn.heads.make_head`), and no
@@ -87,6 +109,9 @@ class HBLLConfig:
     coupler_layers: int = 2
     coupler_gain: float = 4.0
     output_tail: OutputTail = "auto"
+    coupler_condition: CouplerCondition = "none"
+    label_dropout: float = 0.1
+    coupler_mixing: CouplerMixing = "none"
     local_head_weight: float | None = None
     consistency_weight: float = 1.0
     coupler_path_weight: float = 0.0
@@ -102,6 +127,8 @@ class HBLLConfig:
             raise ValueError(f"HBLLConfig.corrections must be >= 0, got {self.corrections}")
         if self.coupler_cost <= 0:
             raise ValueError(f"HBLLConfig.coupler_cost must be > 0, got {self.coupler_cost}")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"HBLLConfig.label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.coupler_gain <= 0:
             raise ValueError(f"HBLLConfig.coupler_gain must be > 0, got {self.coupler_gain}")
         if self.local_head_weight is not None and self.local_head_weight < 0:

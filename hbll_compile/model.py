@@ -15,7 +15,7 @@ import contextlib
 import io
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.fx as fx
@@ -28,6 +28,8 @@ from hbll_compile._util import device_of, first_line, lookup
 from hbll_compile.config import HBLLConfig
 from hbll_compile.errors import CompileError, TrainingError
 from hbll_compile.ir import BlockSpec, Boundary, CompileReport, CouplerPlan, Tail
+from hbll_compile.nn.coupling import Coupler
+from hbll_compile.passes.couplers import label_layout
 from hbll_compile.passes.guards import ShapeGuards
 from hbll_compile.passes.lower import bind_state
 from hbll_compile.runtime._batching import blocks_sharing_parameters
@@ -36,6 +38,9 @@ from hbll_compile.runtime.fidelity import GradientReport, gradient_report
 from hbll_compile.runtime.trainer import evaluate, fit
 
 __all__ = ["HBLLModel"]
+
+_LABEL = "__label__"
+"""The environment key of the batch's labels, under ``coupler_condition="label"``."""
 
 
 class HBLLModel(nn.Module):
@@ -84,6 +89,7 @@ class HBLLModel(nn.Module):
         self.report: CompileReport = parts.report
         self.guards: ShapeGuards | None = parts.captured.guards
         """The capture's shape conditions, checked on every call (None for a torch.fx capture)."""
+        self._labels = label_layout(self.boundaries[-1]) if self.config.coupler_condition == "label" else None
         self._executor = Executor(parts.schedule, self)
         self._needs_isolation = _needs_isolation(self.blocks)
         self._plain_frozen = False
@@ -134,13 +140,21 @@ class HBLLModel(nn.Module):
         return self._model
 
     # -- inference -----------------------------------------------------------------------------
-    def environment(self, *inputs: torch.Tensor) -> dict[str, Any]:
-        """Model inputs and context values by name: what blocks read besides their boundary.
-        Raises :class:`~hbll_compile.errors.GuardError` for inputs outside the capture's shape guards."""
+    def environment(self, *inputs: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, Any]:
+        """Model inputs and context values by name: what blocks read besides their boundary; under
+        ``coupler_condition="label"`` also the batch's labels, when ``target`` is given (label-conditioned
+        couplers see "no label" without it).
+
+        Raises:
+            GuardError: inputs outside the capture's shape guards.
+            TrainingError: under ``coupler_condition="label"``, a target that is not class labels.
+        """
         if self.guards is not None:
             self.guards.check(*inputs)
         env: dict[str, Any] = dict(zip(self.input_names, inputs))
         env.update(zip(self.context_names, self.context(*inputs)))
+        if target is not None and self._labels is not None:
+            env[_LABEL] = _checked_labels(target, *self._labels)
         return env
 
     def run_block(self, i: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
@@ -213,10 +227,16 @@ class HBLLModel(nn.Module):
         plan = self._plans[node]
         if plan.source != plan.span[0]:
             h = self.run_block_frozen(1, h, env)
-        h = self.couplers[str(node)](h)
+        h = self.run_coupling(node, h, env)
         if plan.runs_tail:
             h = self.run_tail(h, env)
         return h
+
+    def run_coupling(self, node: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
+        """The learned part of coupler ``node`` alone, on boundary ``plan.source``; a label-conditioned
+        coupler sees the labels in ``env`` (its "no label" vector where there are none)."""
+        coupler = cast(Coupler, self.couplers[str(node)])
+        return coupler(h, coupler.encode(env.get(_LABEL)))
 
     def run_node(self, node: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         """A tree node as a fixed map: its coupler, or its block (frozen) for a leaf."""
@@ -448,6 +468,23 @@ class HBLLModel(nn.Module):
 
     def __repr__(self) -> str:
         return f"HBLLModel(blocks={len(self.blocks)}, depth={self.tree.depth}, model={type(self._model).__name__})"
+
+
+def _checked_labels(target: torch.Tensor, classes: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """``target`` as the labels of label-conditioned couplers: integer class ids below ``classes``, of
+    per-sample ``shape`` (one per sample, or per token); negative ids mean "no label"."""
+    wanted = f"(B{''.join(f', {t}' for t in shape)})"
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool \
+            or tuple(target.shape[1:]) != shape:
+        raise TrainingError(
+            f"HBLLConfig.coupler_condition='label' needs integer class labels of shape {wanted}, "
+            f"got {target.dtype} of shape {tuple(target.shape)}", node="target",
+            remedy="pass class ids as targets, or compile with coupler_condition='none' for other tasks")
+    if bool((target >= classes).any()):
+        raise TrainingError(
+            f"HBLLConfig.coupler_condition='label' got a label above {classes - 1}, the model's largest class",
+            node="target", remedy=f"pass class ids in 0..{classes - 1} (negative ids mean no label)")
+    return target
 
 
 def _describe(tensors: tuple[torch.Tensor, ...]) -> str:

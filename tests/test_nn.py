@@ -16,6 +16,7 @@ from hbll_compile.nn import (
     Compose,
     Coupler,
     Flatten,
+    LabelEmbedding,
     SpaceToDepth,
     make_adapter,
     make_head,
@@ -136,6 +137,140 @@ def test_coupler_inverse_and_shape(pair, hidden, n_layers, seed, gain):
     if coupler.adapter.surjective:
         target = torch.randn(BATCH, *out_shape)
         torch.testing.assert_close(coupler(coupler.inverse(target)), target, atol=1e-5, rtol=0)
+
+
+def condition(shape: tuple[int, ...], cond_dim: int, per_token: bool, gen: torch.Generator) -> torch.Tensor:
+    """A condition for a batch of ``shape``: one vector per sample, or per token for a sequence."""
+    tokens = (shape[0],) if per_token and len(shape) == 2 else ()
+    return torch.randn(BATCH, *tokens, cond_dim, generator=gen)
+
+
+@FAST
+@given(adapter_pairs(), st.integers(1, 8), st.integers(1, 3), st.integers(1, 5), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_conditioned_coupler_is_invertible_for_each_fixed_condition(pair, hidden, n_layers, cond_dim, per_token, seed):
+    in_shape, out_shape = pair
+    torch.manual_seed(seed)
+    coupler = Coupler(in_shape, out_shape, hidden, n_layers, gain=4.0, cond_dim=cond_dim)
+    randomize(coupler)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(BATCH, *in_shape, generator=gen)
+    cond, other = (condition(coupler.space, cond_dim, per_token, gen) for _ in range(2))
+    y = coupler(x, cond)
+    assert tuple(y.shape) == (BATCH, *out_shape)
+    assert not torch.allclose(y, coupler(x, other)), "the condition should change the output"
+    if coupler.injective:
+        torch.testing.assert_close(coupler.inverse(y, cond), x, atol=1e-5, rtol=0)
+    if coupler.adapter.surjective:
+        target = torch.randn(BATCH, *out_shape, generator=gen)
+        torch.testing.assert_close(coupler(coupler.inverse(target, cond), cond), target, atol=1e-5, rtol=0)
+
+
+@FAST
+@given(st.one_of(vectors, sequences, images), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_fresh_condition_projection_changes_nothing(shape, cond_dim, seed):
+    """A conditioned coupler with trained F, G nets but a fresh (zero) projection equals the plain one."""
+    torch.manual_seed(seed)
+    plain = Coupler(shape, shape, hidden=5)
+    conditioned = Coupler(shape, shape, hidden=5, cond_dim=cond_dim)
+    randomize(plain)
+    missing, unexpected = conditioned.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(name.endswith("cond") for name in missing)
+    x = torch.randn(BATCH, *shape)
+    cond = torch.randn(BATCH, cond_dim)
+    torch.testing.assert_close(conditioned(x, cond), plain(x), rtol=0, atol=0)
+
+
+def test_condition_one_vector_broadcasts_over_the_batch():
+    torch.manual_seed(0)
+    coupler = Coupler((3, 4, 4), (12, 2, 2), hidden=4, cond_dim=2)
+    randomize(coupler)
+    x, cond = torch.randn(BATCH, 3, 4, 4), torch.randn(1, 2)
+    torch.testing.assert_close(coupler(x, cond), coupler(x, cond.expand(BATCH, 2)))
+
+
+@FAST
+@given(st.one_of(vectors, sequences, images), st.integers(1, 8), st.integers(1, 3), st.integers(1, 4),
+       st.integers(1, 5))
+def test_flops_count_the_condition_projection(shape, hidden, n_layers, batch, cond_dim):
+    d = shape[0] if len(shape) == 3 else shape[-1]
+    plain, conditioned = Coupler(shape, shape, hidden, n_layers), Coupler(shape, shape, hidden, n_layers,
+                                                                           cond_dim=cond_dim)
+    per_layer = 2 * cond_dim * (1 if d == 1 else 2 * hidden)  # F and G each project cond to `hidden`
+    assert conditioned.flops(batch) == plain.flops(batch) + n_layers * batch * per_layer
+
+
+def test_wrong_conditions_raise():
+    coupler = Coupler((5, 4), (5, 4), hidden=4, cond_dim=3)
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="cond_dim=3 but got cond=None"):
+        coupler(x)
+    with pytest.raises(ValueError, match=r"\(B, 3\) or \(B, 5, 3\).*\(2, 4\)"):
+        coupler(x, torch.randn(2, 4))
+    with pytest.raises(ValueError, match="floating-point"):
+        coupler(x, torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="cond_dim=0 but got cond=a tensor"):
+        Coupler((4,), (4,), hidden=4)(torch.randn(2, 4), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="encoder needs cond_dim > 0"):
+        Coupler((4,), (4,), hidden=4, encoder=torch.nn.Identity())
+
+
+@FAST
+@given(st.integers(2, 12), st.integers(2, 9), st.integers(2, 12), st.integers(1, 3),
+       st.sampled_from(["causal_conv", "causal_attention"]), st.integers(0, 2**31 - 1))
+def test_causal_token_mixing_is_causal_mixes_and_is_invertible(t, d, d_out, n_layers, mixing, seed):
+    torch.manual_seed(seed)
+    coupler = Coupler((t, d), (t, d_out), hidden=6, n_layers=n_layers, mixing=mixing, cond_dim=2)
+    randomize(coupler)
+    x, cond = torch.randn(BATCH, t, d), torch.randn(BATCH, t, 2)
+    y = coupler(x, cond)
+    for s in range(t - 1):  # perturbing token s + 1 (input and condition) leaves every output up to s unchanged
+        x2, cond2 = x.clone(), cond.clone()
+        x2[:, s + 1] += torch.randn(BATCH, d)
+        cond2[:, s + 1] += 1.0
+        y2 = coupler(x2, cond2)
+        torch.testing.assert_close(y2[:, : s + 1], y[:, : s + 1], rtol=0, atol=0)
+    x3 = x.clone()
+    x3[:, 0] += 1.0
+    assert not torch.allclose(coupler(x3, cond)[:, 1], y[:, 1]), "token 1 should read token 0"
+    if coupler.injective:
+        torch.testing.assert_close(coupler.inverse(y, cond), x, atol=1e-5, rtol=0)
+    if coupler.adapter.surjective:
+        target = torch.randn(BATCH, t, d_out)
+        torch.testing.assert_close(coupler(coupler.inverse(target, cond), cond), target, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mixing", ["causal_conv", "causal_attention"])
+def test_token_mixing_leaves_vectors_and_images_alone(mixing):
+    for shape in ((6,), (3, 4, 4)):
+        plain, mixed = Coupler(shape, shape, hidden=4), Coupler(shape, shape, hidden=4, mixing=mixing)
+        assert mixed.state_dict().keys() == plain.state_dict().keys()
+
+
+@pytest.mark.parametrize(("mixing", "per_net"), [
+    ("causal_conv", lambda t, h: 2 * t * h * 8),  # CAUSAL_KERNEL taps per hidden feature and token
+    ("causal_attention", lambda t, h: 2 * t * h * 32 + 2 * t * t * 16 + 2 * t * t * h),  # q, k; q k^T; weights v
+])
+def test_token_mixing_flops_are_counted(mixing, per_net):
+    t, d, hidden, n_layers = 10, 6, 5, 2
+    plain, mixed = Coupler((t, d), (t, d), hidden, n_layers), Coupler((t, d), (t, d), hidden, n_layers, mixing=mixing)
+    assert mixed.flops() == plain.flops() + n_layers * 2 * per_net(t, hidden)
+
+
+def test_label_embedding_has_a_no_label_vector_that_dropout_trains():
+    torch.manual_seed(0)
+    embed = LabelEmbedding(5, 3, dropout=0.5)
+    labels = torch.tensor([0, 4, -100, 2])
+    embed.eval()
+    out = embed(labels)
+    torch.testing.assert_close(out[2], embed.table.weight[5])
+    torch.testing.assert_close(out[[0, 1, 3]], embed.table.weight[[0, 4, 2]])
+    torch.testing.assert_close(embed(None), embed.table.weight[5:])
+    assert embed(torch.zeros(2, 7, dtype=torch.long)).shape == (2, 7, 3)
+    embed.train()
+    dropped = embed(torch.zeros(1000, dtype=torch.long))
+    share = (dropped == embed.table.weight[5]).all(dim=1).float().mean().item()
+    assert 0.4 < share < 0.6, share  # half the labels replaced by "no label"
 
 
 @FAST

@@ -118,8 +118,13 @@ def export_training_artifacts(
 
     Raises:
         ExportError: onnxruntime-training is not installed (``pip install 'hbll-compile[ort-training]'``),
-            the model has no task loss, or a unit's graph cannot be exported or differentiated.
+            the model has no task loss, its couplers are label-conditioned, or a unit's graph cannot be
+            exported or differentiated.
     """
+    if m.config.coupler_condition != "none":
+        raise ExportError("the exported units would not receive the labels their couplers are conditioned on "
+                          f"(coupler_condition={m.config.coupler_condition!r})", node="coupler_condition",
+                          remedy="export a model compiled with coupler_condition='none', or train it in PyTorch")
     require("onnx", "onnxscript")
     require("onnxruntime.training", extra=ORT_TRAINING_EXTRA)
     from onnxruntime.training import artifacts

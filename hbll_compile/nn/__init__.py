@@ -11,7 +11,7 @@ from .adapters import (
     SpaceToDepth,
     make_adapter,
 )
-from .coupling import AdditiveCoupling, Coupler
+from .coupling import AdditiveCoupling, Coupler, LabelEmbedding
 from .heads import MeanOverTime, make_head
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "DepthToSpace",
     "Flatten",
     "Identity",
+    "LabelEmbedding",
     "MeanOverTime",
     "ShapeAdapter",
     "SpaceToDepth",

@@ -14,6 +14,12 @@ special, and there the coupler runs one of the model's own blocks exactly, as a 
 The learned part's FLOP budget is ``config.coupler_cost`` times the per-sample FLOPs of the graph it
 stands in for (blocks ``source`` + 1 .. ``b``, less the tail when it runs one).
 
+Options: ``config.coupler_mixing`` is handed to the coupling layers (token mixing on sequences).
+Under ``config.coupler_condition="label"`` every coupler gets its own
+:class:`~hbll_compile.nn.coupling.LabelEmbedding` of ``LABEL_DIM`` features as encoder (see
+:func:`label_layout` for which outputs qualify). The embeddings are drawn from their own seeded RNG
+streams, so every other coupler weight is the same as without conditioning.
+
 Example:
     >>> import torch, hbll_compile as hc
     >>> net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
@@ -30,9 +36,32 @@ from torch import nn
 from hbll_compile.config import HBLLConfig
 from hbll_compile.errors import LoweringError
 from hbll_compile.ir import BlockSpec, Boundary, CouplerPlan, Tail, Tree
-from hbll_compile.nn.coupling import Coupler
+from hbll_compile.nn.coupling import Coupler, LabelEmbedding
 
-__all__ = ["build_couplers"]
+__all__ = ["LABEL_DIM", "build_couplers", "label_layout"]
+
+LABEL_DIM = 32
+"""Size of a label-conditioned coupler's label embedding."""
+
+_OPTION = "HBLLConfig.coupler_condition='label'"
+
+
+def label_layout(output: Boundary) -> tuple[int, tuple[int, ...]]:
+    """``(num_classes, label_shape)`` for label-conditioned couplers on a model whose output is ``output``.
+
+    Rules: the output must be float logits, (C,) per sample (labels of shape (B,)) or (T, C) per token
+    (labels of shape (B, T), a language model's next tokens); ``label_shape`` is the per-sample shape
+    of the labels, ``()`` or ``(T,)``.
+
+    Raises:
+        LoweringError: any other output, naming the option and what to do instead.
+    """
+    if not _is_float(output) or len(output.shape) not in (1, 2):
+        raise LoweringError(f"{_OPTION} needs class logits (C,) or per-token logits (T, C) as the model output, "
+                            f"but the output is {output.dtype} of per-sample shape {output.shape}",
+                            node=f"boundary {output.index} ({output.node})",
+                            remedy="use coupler_condition='none' for models that do not classify")
+    return output.shape[-1], tuple(output.shape[:-1])
 
 
 def build_couplers(
@@ -46,6 +75,7 @@ def build_couplers(
     couplers, plans = nn.ModuleDict(), []
     per_sample = [spec.sample_flops for spec in specs]
     tail_flops = tail.spec.sample_flops
+    labels = label_layout(boundaries[-1]) if config.coupler_condition == "label" else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         for node in tree.internal_nodes:
@@ -57,16 +87,33 @@ def build_couplers(
             budget = max(1, int(config.coupler_cost * stands_for))
             try:
                 coupler = Coupler.for_budget(boundaries[source].shape, written.shape, budget,
-                                             n_layers=config.coupler_layers, gain=config.coupler_gain)
+                                             n_layers=config.coupler_layers, gain=config.coupler_gain,
+                                             cond_dim=LABEL_DIM if labels else 0,
+                                             encoder=_label_embedding(labels, node.id, config),
+                                             mixing=config.coupler_mixing)
             except ValueError as err:
                 raise LoweringError(f"cannot build the coupler of span {node.span}: {err}",
                                    node=f"boundary {source} ({boundaries[source].node})",
                                    remedy="choose another block count, or train with objective='dgl' or 'bp', "
                                    "which need no couplers") from err
+            if labels and labels[1] and (len(coupler.space) != 2 or coupler.space[:1] != labels[1]):
+                raise LoweringError(f"{_OPTION} with per-token labels needs couplers that work on token sequences "
+                                    f"of length {labels[1][0]}, but the coupler of span {node.span} works on "
+                                    f"{coupler.space}", node=f"boundary {source} ({boundaries[source].node})",
+                                    remedy="use coupler_condition='none', or another block count")
             couplers[str(node.id)] = coupler
             plans.append(CouplerPlan(node.id, node.span, source, written.index, runs_tail, budget, coupler.flops(),
                                      coupler.hidden))
     return couplers, plans
+
+
+def _label_embedding(labels: tuple[int, tuple[int, ...]] | None, node: int, config: HBLLConfig) -> nn.Module | None:
+    """The label embedding of coupler ``node``, drawn from its own RNG stream (``config.seed``, node)."""
+    if labels is None:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed * 1_000_003 + node + 1)
+        return LabelEmbedding(labels[0], LABEL_DIM, config.label_dropout)
 
 
 def _is_float(boundary: Boundary) -> bool:

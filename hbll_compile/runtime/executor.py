@@ -161,7 +161,7 @@ class Executor:
             fields = entries[k]
             inputs = tuple(fields.pop(f"in{j}") for j in range(sum(key.startswith("in") for key in fields)))
             y = fields.pop("y")
-            self.ring.append(RingEntry(inputs, y, self.units.environment(*inputs), fields))
+            self.ring.append(RingEntry(inputs, y, self.units.environment(*inputs, target=y), fields))
 
     def register_task_hook(self, hook: TaskHook) -> RemovableHandle:
         """Call ``hook(task, done)`` around every task this executor runs; ``handle.remove()`` stops it."""
@@ -202,7 +202,7 @@ class Executor:
         return [*units.blocks.parameters(), *units.couplers.parameters(), *units.heads.parameters()]
 
     def _run(self, inputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
-        env = self.units.environment(*inputs)
+        env = self.units.environment(*inputs, target=target)
         if self.wavefront:
             self.ring.appendleft(RingEntry(inputs, target, env))
         self._values = {Value.batch("x"): inputs[0], Value.batch("y"): target}

@@ -95,6 +95,8 @@ class Diagnosable(Units, Protocol):
 
     def run_tail(self, t: torch.Tensor, env: Env) -> torch.Tensor: ...
 
+    def run_coupling(self, node: int, h: torch.Tensor, env: Env) -> torch.Tensor: ...
+
     def to_original(self) -> nn.Module: ...
 
     def buffers(self) -> Iterator[torch.Tensor]: ...
@@ -235,13 +237,13 @@ def gradient_report(
     paths = "exact" if objective == "bp" else paths
     n = m.tree.n_blocks
     with _untouched(m, seed):
-        env = m.environment(*inputs)
+        env = m.environment(*inputs, target=target)
         chain, bp_grads, boundary_grads, loss = _exact_chain(m, tuple(inputs), target, env)
         tree_inputs = objective == "hbll" and m.config.inputs == "tree"
         starts = _tree_estimate(m, chain[0], env, paths) if tree_inputs else chain[:n]
         blocks = _block_fidelities(m, starts, target, env, bp_grads, paths)
-        couplers = tuple(_coupler_fidelity(m, v, tuple(inputs), chain, boundary_grads[v.span[1]], env, probes, seed)
-                         for v in m.tree.internal_nodes)
+        couplers = tuple(_coupler_fidelity(m, v, tuple(inputs), target, chain, boundary_grads[v.span[1]], env,
+                                           probes, seed) for v in m.tree.internal_nodes)
     where = f"tree estimate, K={m.config.corrections} {m.config.correction}" if tree_inputs else "exact chain"
     return GradientReport(blocks, couplers, objective, where, paths, loss, probes)
 
@@ -404,7 +406,7 @@ def _block_fidelities(
 
 
 def _coupler_fidelity(
-    m: Diagnosable, v: TreeNode, inputs: tuple[torch.Tensor, ...], chain: list[torch.Tensor],
+    m: Diagnosable, v: TreeNode, inputs: tuple[torch.Tensor, ...], target: torch.Tensor, chain: list[torch.Tensor],
     bp_grad: torch.Tensor | None, env: Env, probes: int, seed: int,
 ) -> CouplerFidelity:
     a, b = v.span
@@ -418,11 +420,11 @@ def _coupler_fidelity(
     plan = m.coupler_plan(v.id)
     source = chain[plan.source].detach().requires_grad_()
     if plan.source == 0:  # blocks may read the input through context values too (x.flatten(1), masks)
-        env = m.environment(source, *inputs[1:])
+        env = m.environment(source, *inputs[1:], target=target)
     if plan.source == a:
         coupled = m.run_coupler(v.id, source, env)
     else:  # token input: both maps start with block 1, so compare them from h_1 (run_coupler's own order)
-        coupled = m.couplers[str(v.id)](source)
+        coupled = m.run_coupling(v.id, source, env)
         coupled = m.run_tail(coupled, env) if plan.runs_tail else coupled
     spanned = _span(m, (plan.source, b), source, env)
 
