@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,7 +31,8 @@ from hbll_compile.passes.heads import build_heads
 from hbll_compile.passes.hierarchy import build_tree
 from hbll_compile.passes.lower import Lowered, lower
 from hbll_compile.passes.partition import choose_cuts
-from hbll_compile.runtime.schedule import Schedule, build_bp, build_dgl, build_hbll
+from hbll_compile.passes.unroll import time_cuts
+from hbll_compile.runtime.schedule import Schedule, build_bp, build_dgl, build_hbll, build_tbptt
 
 __all__ = ["Parts", "build_schedule", "run_passes"]
 
@@ -57,8 +58,10 @@ def run_passes(
     """Run every pass on ``model``; refusals are the passes' own ``CompileError`` subclasses. torch's
     compile-time logging is silenced, and ``model``'s buffers are as before afterwards."""
     with quiet_torch_logs(), preserved_buffers(model):
-        captured = capture(model, example_inputs)
+        captured = capture(model, example_inputs, over=config.over)
         view = build_graph(captured.gm)
+        if config.over == "time":  # blocks are chunks of time steps
+            view = replace(view, block_cuts=time_cuts(captured.gm, view))
         partition = choose_cuts(view.costs, view.block_cuts, blocks, view.owns_params)
         lowered = lower(captured, view, partition, model, output_tail=config.output_tail)
     tree = build_tree(partition.block_costs)
@@ -82,5 +85,7 @@ def build_schedule(tree: Tree, config: HBLLConfig) -> Schedule:
         return build_bp(tree.n_blocks)
     if config.objective == "dgl":
         return build_dgl(tree.n_blocks)
+    if config.objective == "tbptt":
+        return build_tbptt(tree.n_blocks)
     return build_hbll(tree, inputs=config.inputs, corrections=config.corrections, correction=config.correction,
                       head_weight=config.local_head_weight)
