@@ -138,6 +138,83 @@ def test_coupler_inverse_and_shape(pair, hidden, n_layers, seed, gain):
         torch.testing.assert_close(coupler(coupler.inverse(target)), target, atol=1e-5, rtol=0)
 
 
+def condition(shape: tuple[int, ...], cond_dim: int, per_token: bool, gen: torch.Generator) -> torch.Tensor:
+    """A condition for a batch of ``shape``: one vector per sample, or per token for a sequence."""
+    tokens = (shape[0],) if per_token and len(shape) == 2 else ()
+    return torch.randn(BATCH, *tokens, cond_dim, generator=gen)
+
+
+@FAST
+@given(adapter_pairs(), st.integers(1, 8), st.integers(1, 3), st.integers(1, 5), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_conditioned_coupler_is_invertible_for_each_fixed_condition(pair, hidden, n_layers, cond_dim, per_token, seed):
+    in_shape, out_shape = pair
+    torch.manual_seed(seed)
+    coupler = Coupler(in_shape, out_shape, hidden, n_layers, gain=4.0, cond_dim=cond_dim)
+    randomize(coupler)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(BATCH, *in_shape, generator=gen)
+    space = coupler.layers[0].shape
+    cond, other = (condition(space, cond_dim, per_token, gen) for _ in range(2))
+    y = coupler(x, cond)
+    assert tuple(y.shape) == (BATCH, *out_shape)
+    assert not torch.allclose(y, coupler(x, other)), "the condition should change the output"
+    if coupler.injective:
+        torch.testing.assert_close(coupler.inverse(y, cond), x, atol=1e-5, rtol=0)
+    if coupler.adapter.surjective:
+        target = torch.randn(BATCH, *out_shape, generator=gen)
+        torch.testing.assert_close(coupler(coupler.inverse(target, cond), cond), target, atol=1e-5, rtol=0)
+
+
+@FAST
+@given(st.one_of(vectors, sequences, images), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_fresh_condition_projection_changes_nothing(shape, cond_dim, seed):
+    """A conditioned coupler with trained F, G nets but a fresh (zero) projection equals the plain one."""
+    torch.manual_seed(seed)
+    plain = Coupler(shape, shape, hidden=5)
+    conditioned = Coupler(shape, shape, hidden=5, cond_dim=cond_dim)
+    randomize(plain)
+    missing, unexpected = conditioned.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(name.endswith("cond") for name in missing)
+    x = torch.randn(BATCH, *shape)
+    cond = torch.randn(BATCH, cond_dim)
+    torch.testing.assert_close(conditioned(x, cond), plain(x), rtol=0, atol=0)
+
+
+def test_condition_one_vector_broadcasts_over_the_batch():
+    torch.manual_seed(0)
+    coupler = Coupler((3, 4, 4), (12, 2, 2), hidden=4, cond_dim=2)
+    randomize(coupler)
+    x, cond = torch.randn(BATCH, 3, 4, 4), torch.randn(1, 2)
+    torch.testing.assert_close(coupler(x, cond), coupler(x, cond.expand(BATCH, 2)))
+
+
+@FAST
+@given(st.one_of(vectors, sequences, images), st.integers(1, 8), st.integers(1, 3), st.integers(1, 4),
+       st.integers(1, 5))
+def test_flops_count_the_condition_projection(shape, hidden, n_layers, batch, cond_dim):
+    d = shape[0] if len(shape) == 3 else shape[-1]
+    plain, conditioned = Coupler(shape, shape, hidden, n_layers), Coupler(shape, shape, hidden, n_layers,
+                                                                           cond_dim=cond_dim)
+    per_layer = 2 * cond_dim * (1 if d == 1 else 2 * hidden)  # F and G each project cond to `hidden`
+    assert conditioned.flops(batch) == plain.flops(batch) + n_layers * batch * per_layer
+
+
+def test_wrong_conditions_raise():
+    coupler = Coupler((5, 4), (5, 4), hidden=4, cond_dim=3)
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="cond_dim=3 but got cond=None"):
+        coupler(x)
+    with pytest.raises(ValueError, match=r"\(B, 3\) or \(B, 5, 3\).*\(2, 4\)"):
+        coupler(x, torch.randn(2, 4))
+    with pytest.raises(ValueError, match="floating-point"):
+        coupler(x, torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="cond_dim=0 but got cond=a tensor"):
+        Coupler((4,), (4,), hidden=4)(torch.randn(2, 4), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="encoder needs cond_dim > 0"):
+        Coupler((4,), (4,), hidden=4, encoder=torch.nn.Identity())
+
+
 @FAST
 @given(st.one_of(vectors, sequences, images), st.integers(1, 16))
 def test_fresh_coupler_with_identity_adapter_is_identity(shape, hidden):

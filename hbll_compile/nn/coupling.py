@@ -11,32 +11,81 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import chain
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import Shape, ShapeAdapter, as_shape, check_batch, feature_axis, make_adapter
 
-__all__ = ["AdditiveCoupling", "Coupler"]
+__all__ = ["AdditiveCoupling", "Coupler", "check_cond"]
 
 
-def _residual_net(shape: Shape, in_channels: int, out_channels: int, hidden: int) -> nn.Sequential:
+def _broadcast(c: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Shape a projected condition ``c`` (B, k) or, for sequences, (B, T, k) to add to ``h``, whose
+    feature axis holds k: over every pixel of an image, every token of a sequence."""
+    if h.dim() == 4:
+        return c[:, :, None, None]
+    return c.unsqueeze(1) if h.dim() == 3 and c.dim() == 2 else c
+
+
+def check_cond(cond: torch.Tensor | None, x: torch.Tensor, shape: Shape, cond_dim: int, where: str) -> None:
+    """Raise ValueError unless ``cond`` fits a module built with ``cond_dim`` on batches ``x`` of ``shape``.
+
+    Rules: ``cond`` is None exactly when ``cond_dim == 0``; otherwise a floating-point tensor
+    (B, cond_dim), one vector per sample, or for a sequence shape (T, D) also (B, T, cond_dim), one
+    per token; a batch size of 1 is broadcast over the batch.
+
+    Example:
+        >>> check_cond(torch.zeros(2, 3), torch.zeros(2, 5), (5,), 3, "demo")
+    """
+    if cond is None or cond_dim == 0:
+        if (cond is None) != (cond_dim == 0):
+            raise ValueError(
+                f"{where} was built with cond_dim={cond_dim} but got cond={'None' if cond is None else 'a tensor'}; "
+                "pass a condition vector exactly when the module was built with cond_dim > 0"
+            )
+        return
+    per_token = len(shape) == 2 and tuple(cond.shape[1:]) == (shape[0], cond_dim)
+    if not (cond.dim() == 2 and cond.shape[1] == cond_dim or per_token) or cond.shape[0] not in (1, x.shape[0]):
+        raise ValueError(
+            f"{where} expects cond of shape (B, {cond_dim})"
+            + (f" or (B, {shape[0]}, {cond_dim})" if len(shape) == 2 else "")
+            + f" with B = {x.shape[0]} or 1, but got {tuple(cond.shape)}; pass one condition vector per sample"
+        )
+    if not cond.is_floating_point():
+        raise ValueError(f"{where} expects a floating-point cond but got {cond.dtype}; embed labels first")
+
+
+class _ResidualNet(nn.Sequential):
     """The F or G net of a coupling layer; its last layer starts at zero.
 
     Images: Conv1x1 -> GELU -> Conv3x3 (padding 1), so the 3x3 conv gives spatial mixing
     and the 1x1 conv keeps the channel expansion cheap. Vectors and sequences:
-    Linear -> GELU -> Linear over the feature axis.
+    Linear -> GELU -> Linear over the feature axis. With ``cond_dim > 0`` a condition vector is
+    projected (by ``cond``, a zero-initialised (hidden, cond_dim) matrix, so a fresh net ignores
+    it) and added to the first layer's output before the GELU.
     """
-    if len(shape) == 3:
-        first: nn.Module = nn.Conv2d(in_channels, hidden, 1)
-        last: nn.Conv2d | nn.Linear = nn.Conv2d(hidden, out_channels, 3, padding=1)
-    else:
-        first, last = nn.Linear(in_channels, hidden), nn.Linear(hidden, out_channels)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)  # type: ignore[arg-type]  # both layers have a bias
-    return nn.Sequential(first, nn.GELU(), last)
+
+    def __init__(self, shape: Shape, in_channels: int, out_channels: int, hidden: int, cond_dim: int) -> None:
+        if len(shape) == 3:
+            first: nn.Module = nn.Conv2d(in_channels, hidden, 1)
+            last: nn.Conv2d | nn.Linear = nn.Conv2d(hidden, out_channels, 3, padding=1)
+        else:
+            first, last = nn.Linear(in_channels, hidden), nn.Linear(hidden, out_channels)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)  # type: ignore[arg-type]  # both layers have a bias
+        super().__init__(first, nn.GELU(), last)
+        self.cond = nn.Parameter(torch.zeros(hidden, cond_dim)) if cond_dim else None
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        h = self[0](x)
+        if self.cond is not None and cond is not None:
+            h = h + _broadcast(F.linear(cond, self.cond), h)
+        return self[2](self[1](h))
 
 
 class AdditiveCoupling(nn.Module):
@@ -45,58 +94,77 @@ class AdditiveCoupling(nn.Module):
     The feature axis (dim 1 of an image batch, the last dim otherwise) of size d is split
     into x1 (d // 2 features) and x2 (the rest)::
 
-        y1 = x1 + gain·F(x2)        x2 = y2 - gain·G(y1)
-        y2 = x2 + gain·G(y1)        x1 = y1 - gain·F(x2)
+        y1 = x1 + gain·F(x2, c)        x2 = y2 - gain·G(y1, c)
+        y2 = x2 + gain·G(y1, c)        x1 = y1 - gain·F(x2, c)
 
     F and G end in a zero-initialised layer, so a fresh layer is the identity. ``gain`` is a
     fixed output scale: under Adam-type optimizers, whose steps do not depend on the gradient's
     scale, the layer's function then moves ``gain`` times faster per step. With d == 1 there is
-    nothing to split: the layer is ``y = x + b`` with one learned scalar b (initially 0), still
+    nothing to split: the layer is ``y = x + b(c)`` with one learned scalar b (initially 0), still
     exactly invertible.
+
+    **Conditioning.** With ``cond_dim > 0``, ``forward(x, cond)`` and ``inverse(y, cond)`` take a
+    condition ``c`` (see :func:`check_cond`: one vector per sample, or per token for sequences). F
+    and G add a zero-initialised linear projection of c to their hidden layer (the offset b adds one
+    to its scalar), so a fresh conditioned layer equals the unconditioned one, and for every fixed c
+    the layer is exactly invertible in x.
 
     Example:
         >>> layer = AdditiveCoupling((10, 6), hidden=16)
         >>> x = torch.randn(4, 10, 6)
         >>> torch.equal(layer(x), x)
         True
+        >>> conditioned = AdditiveCoupling((6,), hidden=8, cond_dim=3)
+        >>> conditioned(torch.randn(4, 6), torch.randn(4, 3)).shape
+        torch.Size([4, 6])
     """
 
-    def __init__(self, shape: Sequence[int], hidden: int, gain: float = 1.0) -> None:
+    def __init__(self, shape: Sequence[int], hidden: int, gain: float = 1.0, cond_dim: int = 0) -> None:
         super().__init__()
-        if hidden < 1:
-            raise ValueError(f"AdditiveCoupling hidden width must be >= 1 but got {hidden}")
+        if hidden < 1 or cond_dim < 0:
+            raise ValueError(f"AdditiveCoupling needs hidden >= 1 and cond_dim >= 0 but got {hidden} and {cond_dim}")
         self.shape = as_shape(shape)
         self.hidden = hidden
         self.gain = gain
+        self.cond_dim = cond_dim
         self.axis = feature_axis(self.shape) + 1  # feature axis of the batched tensor
         d = self.shape[self.axis - 1]
         self.split = (d // 2, d - d // 2)
-        self.f: nn.Module | None = None
-        self.g: nn.Module | None = None
+        self.f: _ResidualNet | None = None
+        self.g: _ResidualNet | None = None
         if d == 1:
             self.offset = nn.Parameter(torch.zeros(()))
+            self.offset_cond = nn.Parameter(torch.zeros(1, cond_dim)) if cond_dim else None
         else:
-            self.f = _residual_net(self.shape, self.split[1], self.split[0], hidden)
-            self.g = _residual_net(self.shape, self.split[0], self.split[1], hidden)
+            self.f = _ResidualNet(self.shape, self.split[1], self.split[0], hidden, cond_dim)
+            self.g = _ResidualNet(self.shape, self.split[0], self.split[1], hidden, cond_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _shift(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """The d == 1 layer's offset b(c)."""
+        if self.offset_cond is None or cond is None:
+            return self.gain * self.offset
+        return self.gain * (self.offset + _broadcast(F.linear(cond, self.offset_cond), x))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         check_batch(x, self.shape, "AdditiveCoupling")
+        check_cond(cond, x, self.shape, self.cond_dim, "AdditiveCoupling")
         if self.f is None or self.g is None:
-            return x + self.gain * self.offset
+            return x + self._shift(x, cond)
         x1, x2 = x.split(self.split, dim=self.axis)
-        y1 = x1 + self.gain * self.f(x2)
-        return torch.cat((y1, x2 + self.gain * self.g(y1)), dim=self.axis)
+        y1 = x1 + self.gain * self.f(x2, cond)
+        return torch.cat((y1, x2 + self.gain * self.g(y1, cond)), dim=self.axis)
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         check_batch(y, self.shape, "AdditiveCoupling.inverse")
+        check_cond(cond, y, self.shape, self.cond_dim, "AdditiveCoupling.inverse")
         if self.f is None or self.g is None:
-            return y - self.gain * self.offset
+            return y - self._shift(y, cond)
         y1, y2 = y.split(self.split, dim=self.axis)
-        x2 = y2 - self.gain * self.g(y1)
-        return torch.cat((y1 - self.gain * self.f(x2), x2), dim=self.axis)
+        x2 = y2 - self.gain * self.g(y1, cond)
+        return torch.cat((y1 - self.gain * self.f(x2, cond), x2), dim=self.axis)
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}, hidden={self.hidden}, gain={self.gain:g}"
+        return f"shape={self.shape}, hidden={self.hidden}, gain={self.gain:g}, cond_dim={self.cond_dim}"
 
 
 class Coupler(nn.Module):
@@ -109,6 +177,12 @@ class Coupler(nn.Module):
     equals its adapter. ``inverse`` undoes both parts exactly, so ``inverse(forward(x)) == x``
     whenever ``injective`` (and ``forward(inverse(y)) == y`` whenever the adapter is surjective).
 
+    **Conditioning** (``cond_dim > 0``): ``forward(x, cond)`` and ``inverse(y, cond)`` hand a
+    condition vector to every layer (see :class:`AdditiveCoupling`), so the coupler is exactly
+    invertible in x for each fixed condition. ``encoder``, when given, is a submodule that maps a raw
+    condition (for example integer labels, see :class:`LabelEmbedding`) to that vector:
+    ``coupler(x, coupler.encode(raw))``; it trains with the coupler's other parameters.
+
     Example:
         >>> c = Coupler((64,), (64,), hidden=32)
         >>> x = torch.randn(5, 64)
@@ -117,18 +191,23 @@ class Coupler(nn.Module):
     """
 
     def __init__(
-        self, in_shape: Sequence[int], out_shape: Sequence[int], hidden: int, n_layers: int = 2, gain: float = 1.0
+        self, in_shape: Sequence[int], out_shape: Sequence[int], hidden: int, n_layers: int = 2, gain: float = 1.0,
+        cond_dim: int = 0, encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if n_layers < 0:
             raise ValueError(f"Coupler n_layers must be >= 0 but got {n_layers}")
+        if encoder is not None and cond_dim == 0:
+            raise ValueError("a Coupler with an encoder needs cond_dim > 0, the size of the encoder's vectors")
         self.adapter: ShapeAdapter = make_adapter(in_shape, out_shape)
         self.in_shape = self.adapter.in_shape
         self.out_shape = self.adapter.out_shape
         self.hidden = hidden
+        self.cond_dim = cond_dim
         self.couple_first = not self.adapter.injective
         space = self.in_shape if self.couple_first else self.out_shape
-        self.layers = nn.ModuleList(AdditiveCoupling(space, hidden, gain) for _ in range(n_layers))
+        self.layers = nn.ModuleList(AdditiveCoupling(space, hidden, gain, cond_dim) for _ in range(n_layers))
+        self.encoder = encoder
 
     @property
     def injective(self) -> bool:
@@ -140,23 +219,28 @@ class Coupler(nn.Module):
         """True when ``inverse`` is a two-sided inverse."""
         return self.adapter.bijective
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, raw: Any) -> torch.Tensor | None:
+        """The condition vector for a raw condition: ``encoder(raw)``, or ``raw`` itself without an encoder."""
+        return self.encoder(raw) if self.encoder is not None else raw
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         y = x if self.couple_first else self.adapter(x)
         for layer in self.layers:
-            y = layer(y)
+            y = layer(y, cond)
         return self.adapter(y) if self.couple_first else y
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         x = self.adapter.inverse(y) if self.couple_first else y
         for layer in reversed(self.layers):
-            x = layer.inverse(x)  # type: ignore[operator]  # every layer is an AdditiveCoupling
+            x = layer.inverse(x, cond)  # type: ignore[operator]  # every layer is an AdditiveCoupling
         return x if self.couple_first else self.adapter.inverse(x)
 
     def flops(self, batch: int = 1) -> int:
         """FLOPs of one forward pass on ``batch`` samples, measured by ``FlopCounterMode``.
 
         Counts matrix multiplies and convolutions (2 per multiply-add) on meta tensors, so
-        nothing is computed.
+        nothing is computed. A conditioned coupler is measured on one condition vector per sample
+        (an encoder's own work, a table lookup for labels, is not counted).
 
         Example:
             >>> Coupler((8,), (8,), hidden=4, n_layers=1).flops(batch=2)
@@ -166,8 +250,9 @@ class Coupler(nn.Module):
             name: torch.empty_like(t, device="meta") for name, t in chain(self.named_parameters(), self.named_buffers())
         }
         x = torch.empty(batch, *self.in_shape, device="meta")
+        cond = torch.empty(batch, self.cond_dim, device="meta") if self.cond_dim else None
         with FlopCounterMode(display=False) as counter:
-            functional_call(self, meta, (x,))
+            functional_call(self, meta, (x, cond))
         return int(counter.get_total_flops())
 
     @classmethod
@@ -179,8 +264,11 @@ class Coupler(nn.Module):
         n_layers: int = 2,
         min_hidden: int = 8,
         gain: float = 1.0,
+        cond_dim: int = 0,
+        encoder: nn.Module | None = None,
     ) -> Coupler:
-        """The coupler with the largest ``hidden`` whose per-sample ``flops()`` is at most ``flop_budget``.
+        """The coupler with the largest ``hidden`` whose per-sample ``flops()`` is at most ``flop_budget``
+        (``gain``, ``cond_dim`` and ``encoder`` are passed on to the constructor).
 
         Candidates are measured on the meta device. The search keeps a bracket (a width
         that fits, a width that does not) and probes where the secant through the two
@@ -200,7 +288,7 @@ class Coupler(nn.Module):
 
         def cost(hidden: int) -> int:
             with torch.device("meta"):
-                candidate = cls(in_shape, out_shape, hidden, n_layers)
+                candidate = cls(in_shape, out_shape, hidden, n_layers, cond_dim=cond_dim)
             return candidate.flops()
 
         def secant(lo: int, c_lo: int, hi: int, c_hi: int) -> int:
@@ -209,7 +297,7 @@ class Coupler(nn.Module):
         lo, hi = min_hidden, 2 * min_hidden
         c_lo, c_hi = cost(lo), cost(hi)
         if c_lo > flop_budget or c_hi == c_lo:
-            return cls(in_shape, out_shape, min_hidden, n_layers, gain)
+            return cls(in_shape, out_shape, min_hidden, n_layers, gain, cond_dim, encoder)
         while c_hi <= flop_budget:  # grow the bracket past the budget
             lo, c_lo, hi = hi, c_hi, max(secant(lo, c_lo, hi, c_hi) + 1, hi + 1)
             c_hi = cost(hi)
@@ -217,4 +305,4 @@ class Coupler(nn.Module):
             mid = min(max(secant(lo, c_lo, hi, c_hi), lo + 1), hi - 1)
             c_mid = cost(mid)
             lo, c_lo, hi, c_hi = (mid, c_mid, hi, c_hi) if c_mid <= flop_budget else (lo, c_lo, mid, c_mid)
-        return cls(in_shape, out_shape, lo, n_layers, gain)
+        return cls(in_shape, out_shape, lo, n_layers, gain, cond_dim, encoder)
