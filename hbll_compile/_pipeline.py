@@ -24,7 +24,14 @@ from torch import nn
 
 from hbll_compile.config import HBLLConfig
 from hbll_compile.ir import CompileReport, CouplerPlan, Tree
-from hbll_compile.passes.capture import Captured, capture, example_batch, preserved_buffers, quiet_torch_logs
+from hbll_compile.passes.capture import (
+    Captured,
+    batched_float_shapes,
+    capture,
+    example_batch,
+    preserved_buffers,
+    quiet_torch_logs,
+)
 from hbll_compile.passes.couplers import build_couplers
 from hbll_compile.passes.graph import build_graph
 from hbll_compile.passes.heads import build_heads
@@ -65,7 +72,8 @@ def run_passes(
         partition = choose_cuts(view.costs, view.block_cuts, blocks, view.owns_params)
         lowered = lower(captured, view, partition, model, output_tail=config.output_tail)
     tree = build_tree(partition.block_costs)
-    couplers, plans = build_couplers(tree, lowered.boundaries, lowered.specs, lowered.tail_info, config)
+    couplers, plans = build_couplers(tree, lowered.boundaries, lowered.specs, lowered.tail_info, config,
+                                     batched_float_shapes(captured))
     heads = build_heads(lowered.boundaries, config)
     report = CompileReport(
         capture=captured.method,

@@ -15,7 +15,7 @@ import contextlib
 import io
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.fx as fx
@@ -28,6 +28,7 @@ from hbll_compile._util import device_of, first_line, lookup
 from hbll_compile.config import HBLLConfig
 from hbll_compile.errors import CompileError, TrainingError
 from hbll_compile.ir import BlockSpec, Boundary, CompileReport, CouplerPlan, Tail
+from hbll_compile.nn.coupling import Coupler
 from hbll_compile.passes.guards import ShapeGuards
 from hbll_compile.passes.lower import bind_state
 from hbll_compile.runtime._batching import blocks_sharing_parameters
@@ -208,12 +209,18 @@ class HBLLModel(nn.Module):
         return loss
 
     def run_coupler(self, node: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
-        """Coupler of tree node ``node`` on its span's left boundary: block 1 first for token inputs,
-        the output tail last for spans that end at the output (see :mod:`hbll_compile.passes.couplers`)."""
+        """Coupler of tree node ``node`` on its span's left boundary: block 1 first for token inputs and
+        over time, the output tail last for spans that end at the output, conditioned on the span's
+        per-step inputs over time (see :mod:`hbll_compile.passes.couplers`)."""
         plan = self._plans[node]
         if plan.source != plan.span[0]:
             h = self.run_block_frozen(1, h, env)
-        h = self.couplers[str(node)](h)
+        coupler = cast(Coupler, self.couplers[str(node)])
+        if plan.condition:  # over time: the span's per-step inputs, summarised by the coupler's encoder
+            raw = torch.cat([env[name].flatten(1) for name in plan.condition], dim=1)
+            h = coupler(h, coupler.encode(raw))
+        else:
+            h = coupler(h)
         if plan.runs_tail:
             h = self.run_tail(h, env)
         return h

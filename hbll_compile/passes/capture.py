@@ -41,8 +41,8 @@ from hbll_compile.errors import CaptureError
 from hbll_compile.passes.guards import ShapeGuards
 from hbll_compile.passes.unroll import fold_stack_selects, recurrent_flops, sink_views, unrolled
 
-__all__ = ["MODE_DEPENDENT_MODULES", "Captured", "NodeInfo", "annotate", "capture", "preserved_buffers",
-           "quiet_torch_logs"]
+__all__ = ["MODE_DEPENDENT_MODULES", "Captured", "NodeInfo", "annotate", "batched_float_shapes", "capture",
+           "preserved_buffers", "quiet_torch_logs"]
 
 MODE_DEPENDENT_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -90,6 +90,17 @@ class Captured:
 def example_batch(inputs: Sequence[torch.Tensor]) -> int:
     """The batch size of an example: the first input's leading dimension (1 for a scalar input)."""
     return max(int(inputs[0].shape[0]), 1) if inputs[0].dim() else 1
+
+
+def batched_float_shapes(captured: Captured) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes of the floating-point tensor nodes whose dim 0 is the example's batch, by name."""
+    batch = example_batch(captured.example_inputs)
+    shapes = {}
+    for n in captured.gm.graph.nodes:
+        info = n.meta.get("hbll")
+        if info and info.shape and info.shape[0] == batch and info.dtype and info.dtype.startswith(("float", "bfloat")):
+            shapes[n.name] = info.shape[1:]
+    return shapes
 
 
 def capture(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, over: str = "depth") -> Captured:
