@@ -364,7 +364,17 @@ class HBLLModel(nn.Module):
         and norm ratio of its local gradient against its BP gradient; per coupler, its consistency
         error and VJP alignment with its exact span. ``paths="exact"`` swaps couplers for exact spans
         (then cosines are 1: the self-check). Changes no weight, gradient, buffer, RNG or pipeline
-        state. See :mod:`hbll_compile.runtime.fidelity`."""
+        state. See :mod:`hbll_compile.runtime.fidelity`.
+
+        Raises:
+            TrainingError: over time, where chunks share one set of weights, so a chunk's own BP
+                gradient is not defined.
+        """
+        if self.config.over == "time":
+            raise TrainingError("the gradient-fidelity instrument compares each block's gradient with its BP "
+                                "gradient, but over='time' chunks share one set of weights, so a chunk has no "
+                                "gradient of its own to compare", node="gradient_report",
+                                remedy="compare training runs (objective 'hbll' against 'bp' and 'tbptt') instead")
         return gradient_report(self, inputs, target, paths=paths, probes=probes, seed=seed)
 
     # -- persistence ---------------------------------------------------------------------------

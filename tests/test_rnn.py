@@ -245,3 +245,21 @@ def test_time_only_options_are_refused_elsewhere() -> None:
         _compile(net, executor="batched")
     with pytest.raises(hc.CompileError, match="over must be"):
         hc.hbll_compile(net, _inputs(4), blocks=2, over="space")  # type: ignore[arg-type]
+
+
+def test_save_load_and_fidelity_refusal(tmp_path: object) -> None:
+    torch.manual_seed(0)
+    net = RecurrentClassifier("LSTM", 2, True, D, H, CLASSES)
+    m = _compile(net, blocks=3)
+    x, y = _inputs(6, seed=9), _y(6)
+    for _ in range(4):
+        m.training_step(*x, target=y)
+    path = f"{tmp_path}/m.safetensors"
+    m.save(path)
+    torch.manual_seed(1)
+    loaded = hc.HBLLModel.load(path, lambda: RecurrentClassifier("LSTM", 2, True, D, H, CLASSES), loss=F.cross_entropy)
+    assert loaded.config.over == "time"
+    torch.testing.assert_close(loaded(*x), m(*x), atol=0, rtol=0)
+    torch.testing.assert_close(loaded(*x, depth=1), m(*x, depth=1), atol=0, rtol=0)
+    with pytest.raises(hc.TrainingError, match="share one set of weights"):
+        m.gradient_report(*x, target=y)
