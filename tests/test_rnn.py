@@ -150,7 +150,8 @@ def test_no_gradient_crosses_units_over_time(inputs: str) -> None:
             before.clear()
             before.update(grads)
             return
-        changed = {k for k, g in grads.items() if g is not None and (before[k] is None or not torch.equal(before[k], g))}
+        changed = {k for k, g in grads.items()
+                   if g is not None and (before[k] is None or not torch.equal(before[k], g))}
         assert changed <= owners[task.unit], f"{task.kind} {task.unit} leaked gradient into another unit"
         if changed:
             trained.add(task.unit)
