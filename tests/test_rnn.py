@@ -213,20 +213,53 @@ def test_recurrent_flops_are_counted() -> None:
 
 
 class _Embedded(nn.Module):
+    """Token ids embedded over the whole sequence, then a time-major 2-layer LSTM."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.proj = nn.Linear(D, H)
+        self.embed = nn.Embedding(11, D)
+        self.rnn = nn.LSTM(D, H, 2)
+        self.fc = nn.Linear(H, CLASSES)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.rnn(torch.relu(self.embed(ids)).transpose(0, 1))[0][-1])
+
+
+class _Projected(nn.Module):
+    """An input projection and LayerNorm over the whole sequence before a GRU; with ``skip`` the
+    projected sequence is read again after the loop, so more than the state crosses every time cut."""
+
+    def __init__(self, skip: bool = False) -> None:
+        super().__init__()
+        self.skip = skip
+        self.proj, self.norm = nn.Linear(D, H), nn.LayerNorm(H)
         self.rnn = nn.GRU(H, H, batch_first=True)
         self.fc = nn.Linear(H, CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.rnn(self.proj(x))[0][:, -1])
+        p = self.norm(torch.tanh(self.proj(x)))
+        last = self.rnn(p)[0][:, -1]
+        return self.fc(last + p.mean(1) if self.skip else last)
+
+
+@pytest.mark.parametrize("net", [_Embedded(), _Projected()], ids=["embedding", "projection"])
+def test_layers_before_the_recurrent_module_run_per_step(net: nn.Module) -> None:
+    """An embedding or input projection over the whole sequence is applied per step inside the chunks."""
+    ids = isinstance(net, _Embedded)
+    example = torch.randint(0, 11, (4, T)) if ids else _inputs(4)[0]
+    m = hc.hbll_compile(net, (example,), blocks=3, loss=F.cross_entropy, over="time")
+    first_op = "embedding" if ids else "linear"
+    per_chunk = [sum(name.startswith(first_op) for name in spec.nodes) for spec in m.specs]
+    layers = 2 if ids else 1
+    assert per_chunk[:-1] == [c // layers for c in _cells_per_chunk(m)][:-1] and sum(per_chunk) == T + (0 if ids else 1)
+    x = torch.randint(0, 11, (7, T)) if ids else _inputs(7, seed=2)[0]
+    torch.testing.assert_close(m(x), net(x), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(("net", "error", "words"), [
     (RecurrentClassifier("GRU", 1, True, D, H, CLASSES), None, ""),
     (nn.Sequential(nn.Flatten(), nn.Linear(T * D, CLASSES)), hc.CutError, "no recurrent module"),
-    (_Embedded(), hc.CutError, "only the recurrent state crosses"),
+    (_Projected(skip=True), hc.CutError, "only the recurrent state crosses"),
 ])
 def test_refusals_name_the_reason(net: nn.Module, error: type[Exception] | None, words: str) -> None:
     if error is None:

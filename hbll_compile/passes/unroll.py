@@ -16,7 +16,10 @@ tensor crossing it, DESIGN §1):
   :func:`sink_views` moves those slices next to their readers, so only the packed state is live between
   steps. The first features of the state are the top layer's ``h``, the value a readout usually reads;
 - **per-step inputs are context**: ``x[:, t]`` is a parameter-free function of the input, computed once
-  and handed to the block that reads it;
+  and handed to the block that reads it. Layers that act on every step alike before the recurrent
+  module (an ``nn.Embedding``, an input ``nn.Linear``, an activation, a (batch, time) transpose) are
+  applied per step inside the chunk instead (:func:`push_selects`), so their output is not live
+  across a time cut;
 - **last-step readouts**: ``out[:, -1]`` (``out[-1]`` time-major) and ``h_n[-1]`` of the stacked
   outputs read the last step's value directly (:func:`fold_stack_selects`), so the outputs of earlier
   steps are not live across later cuts.
@@ -55,7 +58,7 @@ from torch import nn
 from hbll_compile.errors import CaptureError, CutError
 from hbll_compile.passes.graph import GraphView
 
-__all__ = ["CELL_OPS", "fold_stack_selects", "recurrent_flops", "sink_views", "time_cuts", "unrolled"]
+__all__ = ["CELL_OPS", "fold_stack_selects", "push_selects", "recurrent_flops", "sink_views", "time_cuts", "unrolled"]
 
 _aten = torch.ops.aten
 CELL_OPS = frozenset({_aten.gru_cell.default, _aten.lstm_cell.default, _aten.rnn_tanh_cell.default,
@@ -129,9 +132,9 @@ def _sequence_forward(self: nn.RNNBase, x: Any, hx: Any = None) -> tuple[torch.T
     lstm = self.mode == "LSTM"
     layers, width = self.num_layers, self.hidden_size
     batch, steps = (x.shape[0], x.shape[1]) if self.batch_first else (x.shape[1], x.shape[0])
-    if hx is None:
-        h0 = [x.new_zeros(batch, width) for _ in range(layers)]
-        c0 = [x.new_zeros(batch, width) for _ in range(layers)] if lstm else []
+    if hx is None:  # torch.zeros, not x.new_zeros: the initial state must not read x, only its size
+        h0 = [torch.zeros(batch, width, dtype=x.dtype, device=x.device) for _ in range(layers)]
+        c0 = [torch.zeros(batch, width, dtype=x.dtype, device=x.device) for _ in range(layers)] if lstm else []
     else:
         h0 = [(hx[0] if lstm else hx)[layer] for layer in range(layers)]
         c0 = [hx[1][layer] for layer in range(layers)] if lstm else []
@@ -202,6 +205,72 @@ def _is_full_slice(node: fx.Node) -> bool:
     step = node.args[4] if len(node.args) > 4 else 1
     return bool(start in (None, 0) and (end is None or (isinstance(end, int) and end >= sys.maxsize // 2))
                 and step == 1)
+
+
+_PER_POSITION_UNARY = frozenset({_aten.relu.default, _aten.gelu.default, _aten.tanh.default, _aten.sigmoid.default,
+                                 _aten.silu.default, _aten.leaky_relu.default, _aten.elu.default})
+
+
+def push_selects(gm: fx.GraphModule) -> None:
+    """Take one time step *before* layers that act on every step alike, instead of after them:
+    ``select(f(x), d, t)`` becomes ``f(select(x, d, t))`` for an embedding (``d`` an index dimension),
+    a linear layer or layer norm (``d`` not a feature dimension), an elementwise activation, or a
+    (batch, time) transpose. Then an embedding or input projection applied to the whole sequence before
+    the recurrent module runs per step inside the chunks, and only the state crosses a time cut. Values
+    are unchanged; the whole-sequence op is dropped when nothing else reads it.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target in (_aten.select.int, _aten.sym_size.int) and node.users:
+                rewritten = _pushed(gm.graph, node)
+                if rewritten is not None:
+                    node.replace_all_uses_with(rewritten)
+                    gm.graph.erase_node(node)
+                    changed = True
+        gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _pushed(graph: fx.Graph, select: fx.Node) -> fx.Node | None:
+    """``select(f(x), d, t)`` as ``f(select(x, d, t))``, inserted before ``select``; None where that does not
+    hold or ``f`` is not one of :func:`push_selects`' ops. A size ``sym_size(f(x), d)`` becomes
+    ``sym_size(x, d')`` the same way (the batch size of an initial state must not read the sequence)."""
+    source, dim, *index = select.args
+    if not isinstance(source, fx.Node) or source.op != "call_function" or "val" not in source.meta:
+        return None
+    rank = len(source.meta["val"].shape)
+    dim = dim % rank
+    op, args = source.target, source.args
+    size = select.target is _aten.sym_size.int
+
+    def take(x: Any, d: int) -> fx.Node:
+        return graph.call_function(select.target, (x, d, *index))
+
+    if size:  # a size passes through every op below; only the op's input changes
+        with graph.inserting_before(select):
+            if op is _aten.embedding.default and dim < rank - 1:
+                return take(args[1], dim)
+            if op in (_aten.linear.default, _aten.layer_norm.default) and dim < rank - 1 or op in _PER_POSITION_UNARY:
+                return take(args[0], dim)
+            if op is _aten.transpose.int and rank == 3 and {args[1] % 3, args[2] % 3} == {0, 1}:
+                return take(args[0], 1 - dim if dim < 2 else dim)
+        return None
+
+    with graph.inserting_before(select):
+        if op is _aten.embedding.default and dim < rank - 1:
+            return graph.call_function(op, (args[0], take(args[1], dim), *args[2:]), dict(source.kwargs))
+        if op is _aten.linear.default and dim < rank - 1:
+            return graph.call_function(op, (take(args[0], dim), *args[1:]), dict(source.kwargs))
+        if op is _aten.layer_norm.default and dim < rank - len(args[1]):
+            return graph.call_function(op, (take(args[0], dim), *args[1:]), dict(source.kwargs))
+        if op in _PER_POSITION_UNARY:
+            return graph.call_function(op, (take(args[0], dim), *args[1:]), dict(source.kwargs))
+        if op is _aten.transpose.int and rank == 3 and {args[1] % 3, args[2] % 3} == {0, 1} and dim < 2:
+            return take(args[0], 1 - dim)
+    return None
 
 
 def sink_views(gm: fx.GraphModule) -> None:
