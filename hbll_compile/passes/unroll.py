@@ -49,7 +49,7 @@ import contextlib
 import sys
 import types
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -238,16 +238,16 @@ def _pushed(graph: fx.Graph, select: fx.Node) -> fx.Node | None:
     """``select(f(x), d, t)`` as ``f(select(x, d, t))``, inserted before ``select``; None where that does not
     hold or ``f`` is not one of :func:`push_selects`' ops. A size ``sym_size(f(x), d)`` becomes
     ``sym_size(x, d')`` the same way (the batch size of an initial state must not read the sequence)."""
-    source, dim, *index = select.args
+    source, index = select.args[0], select.args[2:]
     if not isinstance(source, fx.Node) or source.op != "call_function" or "val" not in source.meta:
         return None
     rank = len(source.meta["val"].shape)
-    dim = dim % rank
-    op, args = source.target, source.args
+    dim = cast(int, select.args[1]) % rank
+    op, args = source.target, cast(tuple[Any, ...], source.args)
     size = select.target is _aten.sym_size.int
 
     def take(x: Any, d: int) -> fx.Node:
-        return graph.call_function(select.target, (x, d, *index))
+        return graph.call_function(cast(Any, select.target), (x, d, *index))
 
     if size:  # a size passes through every op below; only the op's input changes
         with graph.inserting_before(select):
