@@ -234,6 +234,9 @@ class HBLLModel(nn.Module):
 
     def forward(self, *inputs: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """The exact chain of blocks, or with ``depth=d`` the depth-d subnetwork (couplers and blocks).
+        Over time (``over="time"``) a coupler in the depth-d subnetwork skips a span of time steps: it
+        maps the state at the span's start to an estimate of the state at its end, reading only a linear
+        summary of the span's inputs, so ``depth=0`` runs chunk 1 and one coupler.
 
         Raises:
             CompileError: the wrong number of inputs, a non-tensor input, a depth that is not an
