@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from helpers import CellLoop, RecurrentClassifier
 from torch import nn
 
 import hbll_compile as hc
+from hbll_compile.cli import main as cli
 from hbll_compile.runtime.schedule import Task, TaskKind, Unit
 
 T, D, H, CLASSES = 6, 5, 8, 3
@@ -297,3 +299,11 @@ def test_save_load_and_fidelity_refusal(tmp_path: object) -> None:
     torch.testing.assert_close(loaded(*x, depth=1), m(*x, depth=1), atol=0, rtol=0)
     with pytest.raises(hc.TrainingError, match="share one set of weights"):
         m.gradient_report(*x, target=y)
+
+
+def test_cli_inspects_over_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    factory = tmp_path / "gru.py"
+    factory.write_text("from helpers import RecurrentClassifier\n\ndef build():\n    return RecurrentClassifier()\n")
+    code = cli(["inspect", f"{factory}:build", "--input-shape", f"4,{T},{D}", "--blocks", "3", "--over", "time"])
+    out = capsys.readouterr().out
+    assert code == 0 and "gru_cell" in out and "critical path 6" in out
