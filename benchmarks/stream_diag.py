@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import torch
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     train_loader, test_loader = make_loaders(train, test, batch_size=128, seed=0)
     x_held, y_held = next(iter(test_loader))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    for step, (x, y) in enumerate(train_loader):
+    batches = itertools.chain.from_iterable(itertools.repeat(train_loader))  # as many epochs as --steps needs
+    for step, (x, y) in enumerate(batches):
         if step % args.every == 0:
             report = m.gradient_report(x_held, target=y_held)
             with torch.no_grad():

@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -24,14 +24,22 @@ from torch import nn
 
 from hbll_compile.config import HBLLConfig
 from hbll_compile.ir import CompileReport, CouplerPlan, Tree
-from hbll_compile.passes.capture import Captured, capture, example_batch, preserved_buffers, quiet_torch_logs
+from hbll_compile.passes.capture import (
+    Captured,
+    batched_float_shapes,
+    capture,
+    example_batch,
+    preserved_buffers,
+    quiet_torch_logs,
+)
 from hbll_compile.passes.couplers import build_couplers
 from hbll_compile.passes.graph import build_graph
 from hbll_compile.passes.heads import build_heads
 from hbll_compile.passes.hierarchy import build_tree
 from hbll_compile.passes.lower import Lowered, lower
 from hbll_compile.passes.partition import choose_cuts
-from hbll_compile.runtime.schedule import Schedule, build_bp, build_dgl, build_hbll
+from hbll_compile.passes.unroll import time_cuts
+from hbll_compile.runtime.schedule import Schedule, build_bp, build_dgl, build_hbll, build_tbptt
 
 __all__ = ["Parts", "build_schedule", "run_passes"]
 
@@ -57,12 +65,15 @@ def run_passes(
     """Run every pass on ``model``; refusals are the passes' own ``CompileError`` subclasses. torch's
     compile-time logging is silenced, and ``model``'s buffers are as before afterwards."""
     with quiet_torch_logs(), preserved_buffers(model):
-        captured = capture(model, example_inputs)
+        captured = capture(model, example_inputs, over=config.over)
         view = build_graph(captured.gm)
+        if config.over == "time":  # blocks are chunks of time steps
+            view = replace(view, block_cuts=time_cuts(captured.gm, view))
         partition = choose_cuts(view.costs, view.block_cuts, blocks, view.owns_params)
         lowered = lower(captured, view, partition, model, output_tail=config.output_tail)
     tree = build_tree(partition.block_costs)
-    couplers, plans = build_couplers(tree, lowered.boundaries, lowered.specs, lowered.tail_info, config)
+    couplers, plans = build_couplers(tree, lowered.boundaries, lowered.specs, lowered.tail_info, config,
+                                     batched_float_shapes(captured))
     heads = build_heads(lowered.boundaries, config)
     report = CompileReport(
         capture=captured.method,
@@ -82,5 +93,7 @@ def build_schedule(tree: Tree, config: HBLLConfig, heads: frozenset[int] = froze
         return build_bp(tree.n_blocks)
     if config.objective == "dgl":
         return build_dgl(tree.n_blocks)
+    if config.objective == "tbptt":
+        return build_tbptt(tree.n_blocks)
     return build_hbll(tree, inputs=config.inputs, corrections=config.corrections, correction=config.correction,
                       heads=heads if config.head_weight > 0 else frozenset())

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,7 +21,7 @@ from torch import nn
 
 from hbll_compile._pipeline import run_passes
 from hbll_compile._util import first_line, max_abs_diff
-from hbll_compile.config import HBLLConfig
+from hbll_compile.config import HBLLConfig, Over
 from hbll_compile.errors import CompileError, LoweringError
 from hbll_compile.model import HBLLModel
 from hbll_compile.passes.capture import Captured, preserved_buffers, quiet_torch_logs
@@ -37,6 +38,7 @@ def hbll_compile(
     blocks: int | None = None,
     loss: Callable[..., torch.Tensor] | None = None,
     config: HBLLConfig | None = None,
+    over: Over | None = None,
 ) -> HBLLModel:
     """Compile ``model`` into ``blocks`` blocks arranged in a balanced binary tree.
 
@@ -51,6 +53,11 @@ def hbll_compile(
             block below a quarter of its share of the FLOPs).
         loss: the task loss ``loss(output, target)``, used by training.
         config: :class:`HBLLConfig`.
+        over: ``"depth"`` (the default) cuts the layers; ``"time"`` cuts a recurrent model (``nn.RNN``,
+            ``nn.GRU``, ``nn.LSTM``, or a Python loop over ``nn.RNNCell``/``nn.GRUCell``/``nn.LSTMCell``)
+            into ``blocks`` chunks of consecutive time steps, whose boundaries are the recurrent state
+            (DESIGN §4, :mod:`~hbll_compile.passes.unroll`). The chunks share the module's own
+            weights; ``objective`` may then also be ``"tbptt"``. Overrides ``config.over`` when given.
 
     The returned model checks the shape guards of the capture on every call (see
     :mod:`~hbll_compile.passes.guards`); it is verified against ``model`` on the example batch and on
@@ -62,6 +69,20 @@ def hbll_compile(
     """
     blocks = _check_arguments(model, blocks, loss, config)
     config = config or HBLLConfig()
+    if over is not None:
+        if over not in ("depth", "time"):
+            raise CompileError(f"over must be 'depth' or 'time', got {over!r}", node="over",
+                               remedy="pass over='depth' (cut the layers) or over='time' (cut a recurrent model's "
+                               "time steps)")
+        config = dataclasses.replace(config, over=over)
+    if config.objective == "tbptt" and config.over != "time":
+        raise CompileError("objective='tbptt' (truncated backprop through time) needs chunks of time steps",
+                           node="objective", remedy="compile a recurrent model with over='time', or pick "
+                           "objective 'hbll', 'dgl' or 'bp'")
+    if config.over == "time" and config.executor == "batched":
+        raise CompileError("executor='batched' stacks the weights of distinct blocks, but over='time' chunks all "
+                           "share one set of weights, so there is nothing to stack", node="executor",
+                           remedy="use executor='loop' (the default) with over='time'")
     parts = run_passes(model, example_inputs, blocks=blocks, config=config)
     compiled = HBLLModel(model, parts, loss=loss, config=config)
     with quiet_torch_logs():

@@ -158,7 +158,7 @@ def draw_tree(m: HBLLModel, path: str) -> None:
 
 def _inspect(args: argparse.Namespace) -> int:
     model = build_model(args.factory)
-    m = hbll_compile(model, example_inputs(args.input_shape, args.dtype), blocks=args.blocks)
+    m = hbll_compile(model, example_inputs(args.input_shape, args.dtype), blocks=args.blocks, over=args.over)
     print(m.describe())
     print(f"capture: {m.report.capture}; legal cuts: {m.report.legal_cuts} "
           f"(at most {m.report.max_blocks} blocks); context values: {len(m.context_names)}")
@@ -173,7 +173,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     model = build_model(args.factory)
     inputs = example_inputs(args.input_shape, args.dtype)
-    m = hbll_compile(model, inputs, blocks=args.blocks)
+    m = hbll_compile(model, inputs, blocks=args.blocks, over=args.over)
     report = export_onnx(m, args.output, depth=args.depth, dynamic_batch=not args.static_batch,
                          verify=not args.no_verify, example_inputs=inputs, opset=args.opset, exporter=args.exporter)
     what = "exact chain" if report.depth is None else f"depth-{report.depth} subnetwork"
@@ -207,7 +207,8 @@ def _diagnose(args: argparse.Namespace) -> int:
     model = load_factory(args.factory)()
     inputs = example_inputs(args.input_shape, args.dtype)
     config = HBLLConfig(inputs=args.inputs, seed=args.seed, local_head_weight=args.head_weight)
-    m = hbll_compile(model, inputs, blocks=args.blocks, loss=_DIAGNOSE_LOSSES[args.loss], config=config)
+    m = hbll_compile(model, inputs, blocks=args.blocks, loss=_DIAGNOSE_LOSSES[args.loss], config=config,
+                     over=args.over)
     # a seeded synthetic target shaped like the output: class ids over its last dim, or values for mse
     shape = (inputs[0].shape[0], *m.boundaries[-1].shape)
     generator = torch.Generator().manual_seed(args.seed + 1)
@@ -236,7 +237,7 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 
 def _compile_command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
-    """A subcommand with the arguments every compiling command takes: factory, inputs, blocks."""
+    """A subcommand with the arguments every compiling command takes: factory, inputs, blocks, over."""
     command = sub.add_parser(name, help=help)
     command.add_argument("factory", help="FILE.py:FACTORY, a function returning the nn.Module")
     command.add_argument("--input-shape", action="append", required=True, type=input_shape,
@@ -245,6 +246,8 @@ def _compile_command(sub: argparse._SubParsersAction, name: str, help: str) -> a
     command.add_argument("--dtype", action="append", default=None, type=input_dtype,
                          help="dtype of each input (default float32; int64 for token ids)")
     command.add_argument("--blocks", type=int, default=None, help="number of blocks N (default: automatic)")
+    command.add_argument("--over", choices=("depth", "time"), default="depth",
+                         help="cut the layers (default) or a recurrent model's time steps into chunks")
     command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return command
 

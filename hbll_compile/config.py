@@ -13,7 +13,8 @@ from typing import Any, Literal, get_args
 
 __all__ = ["DEFAULT_HEAD_WEIGHT", "HBLLConfig"]
 
-Objective = Literal["hbll", "dgl", "bp"]
+Objective = Literal["hbll", "dgl", "bp", "tbptt"]
+Over = Literal["depth", "time"]
 Inputs = Literal["tree", "wavefront"]
 Correction = Literal["parareal", "jacobi"]
 ExecutorKind = Literal["loop", "batched"]
@@ -26,6 +27,7 @@ DEFAULT_HEAD_WEIGHT = 0.5
 
 _CHOICES = {
     "objective": get_args(Objective),
+    "over": get_args(Over),
     "inputs": get_args(Inputs),
     "correction": get_args(Correction),
     "executor": get_args(ExecutorKind),
@@ -42,7 +44,14 @@ class HBLLConfig:
 
     Attributes:
         objective: ``"hbll"`` (local losses through the coupler tree), ``"dgl"`` (local heads on a
-            sequential forward) or ``"bp"`` (end-to-end backprop, the baseline).
+            sequential forward), ``"bp"`` (end-to-end backprop, the baseline; full BPTT over time) or,
+            with ``over="time"`` only, ``"tbptt"`` (truncated BPTT with the same chunks: a detached
+            forward chain, each chunk trained only by its own outputs, so with a last-step readout
+            only the last chunk learns).
+        over: what the blocks split: ``"depth"`` (layers, the default) or ``"time"`` (chunks of
+            consecutive time steps of a recurrent model, DESIGN §4; see
+            :mod:`~hbll_compile.passes.unroll`). Chunks share the model's weights, and their local
+            gradients add up in them.
         inputs: how blocks get their inputs under ``"hbll"``: ``"wavefront"`` (each block reads the
             output block i-1 produced one step earlier) or ``"tree"`` (coupler estimates with
             ``corrections`` Parareal sweeps). See DESIGN §2.
@@ -102,6 +111,7 @@ class HBLLConfig:
     """
 
     objective: Objective = "hbll"
+    over: Over = "depth"
     inputs: Inputs = "wavefront"
     corrections: int = 2
     correction: Correction = "parareal"

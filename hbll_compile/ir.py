@@ -197,6 +197,9 @@ class CouplerPlan:
     flops: int
     """Per-sample FLOPs of the learned part as built."""
     hidden: int
+    condition: tuple[str, ...] = ()
+    """Over time (DESIGN §4): the context values (the per-step inputs of the span's chunks) whose
+    flattened concatenation the coupler's encoder summarises into its condition; empty over depth."""
 
 
 @dataclass(frozen=True)

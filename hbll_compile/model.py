@@ -222,8 +222,9 @@ class HBLLModel(nn.Module):
         return loss
 
     def run_coupler(self, node: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
-        """Coupler of tree node ``node`` on its span's left boundary: block 1 first for token inputs,
-        the output tail last for spans that end at the output (see :mod:`hbll_compile.passes.couplers`)."""
+        """Coupler of tree node ``node`` on its span's left boundary: block 1 first for token inputs and
+        over time, the output tail last for spans that end at the output, conditioned on the span's
+        per-step inputs over time (see :mod:`hbll_compile.passes.couplers`)."""
         plan = self._plans[node]
         if plan.source != plan.span[0]:
             h = self.run_block_frozen(1, h, env)
@@ -233,9 +234,13 @@ class HBLLModel(nn.Module):
         return h
 
     def run_coupling(self, node: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
-        """The learned part of coupler ``node`` alone, on boundary ``plan.source``; a label-conditioned
-        coupler sees the labels in ``env`` (its "no label" vector where there are none)."""
+        """The learned part of coupler ``node`` alone, on boundary ``plan.source``. Over time it sees the
+        span's per-step inputs (``plan.condition``); a label-conditioned coupler sees the labels in
+        ``env`` (its "no label" vector where there are none)."""
         coupler = cast(Coupler, self.couplers[str(node)])
+        condition = self._plans[node].condition
+        if condition:  # over time: the span's per-step inputs, summarised by the coupler's encoder
+            return coupler(h, coupler.encode(torch.cat([env[name].flatten(1) for name in condition], dim=1)))
         return coupler(h, coupler.encode(env.get(_LABEL)))
 
     def run_node(self, node: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
@@ -247,6 +252,9 @@ class HBLLModel(nn.Module):
 
     def forward(self, *inputs: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """The exact chain of blocks, or with ``depth=d`` the depth-d subnetwork (couplers and blocks).
+        Over time (``over="time"``) a coupler in the depth-d subnetwork skips a span of time steps: it
+        maps the state at the span's start to an estimate of the state at its end, reading only a linear
+        summary of the span's inputs, so ``depth=0`` runs chunk 1 and one coupler.
 
         Raises:
             CompileError: the wrong number of inputs, a non-tensor input, a depth that is not an
@@ -377,7 +385,17 @@ class HBLLModel(nn.Module):
         and norm ratio of its local gradient against its BP gradient; per coupler, its consistency
         error and VJP alignment with its exact span. ``paths="exact"`` swaps couplers for exact spans
         (then cosines are 1: the self-check). Changes no weight, gradient, buffer, RNG or pipeline
-        state. See :mod:`hbll_compile.runtime.fidelity`."""
+        state. See :mod:`hbll_compile.runtime.fidelity`.
+
+        Raises:
+            TrainingError: over time, where chunks share one set of weights, so a chunk's own BP
+                gradient is not defined.
+        """
+        if self.config.over == "time":
+            raise TrainingError("the gradient-fidelity instrument compares each block's gradient with its BP "
+                                "gradient, but over='time' chunks share one set of weights, so a chunk has no "
+                                "gradient of its own to compare", node="gradient_report",
+                                remedy="compare training runs (objective 'hbll' against 'bp' and 'tbptt') instead")
         return gradient_report(self, inputs, target, paths=paths, probes=probes, seed=seed)
 
     # -- persistence ---------------------------------------------------------------------------

@@ -247,6 +247,43 @@ class TupleOutput(nn.Module):
         return self.b(h), h
 
 
+class RecurrentClassifier(nn.Module):
+    """``nn.RNN``/``nn.GRU``/``nn.LSTM`` over (batch, time, features), classified at the last step. With
+    ``batch_first=False`` the module runs time-major (the model's input stays batch-first). Given
+    ``h0`` (and ``c0`` for an LSTM), each (batch, layers, hidden), the initial state is an input."""
+
+    def __init__(self, kind: str = "GRU", layers: int = 1, batch_first: bool = True,
+                 d_in: int = 5, hidden: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.rnn = getattr(nn, kind)(d_in, hidden, layers, batch_first=batch_first)
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None, c0: torch.Tensor | None = None) -> torch.Tensor:
+        hx = None if h0 is None else h0.transpose(0, 1) if c0 is None else (h0.transpose(0, 1), c0.transpose(0, 1))
+        out, _ = self.rnn(x if self.batch_first else x.transpose(0, 1), hx)
+        return self.fc(out[:, -1] if self.batch_first else out[-1])
+
+
+class CellLoop(nn.Module):
+    """A hand-written Python loop over ``nn.RNNCell``/``nn.GRUCell``/``nn.LSTMCell``, read out at the end."""
+
+    def __init__(self, kind: str = "GRUCell", d_in: int = 5, hidden: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.cell = getattr(nn, kind)(d_in, hidden)
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], self.cell.hidden_size)
+        c = h
+        for t in range(x.shape[1]):
+            if isinstance(self.cell, nn.LSTMCell):
+                h, c = self.cell(x[:, t], (h, c))
+            else:
+                h = self.cell(x[:, t], h)
+        return self.fc(h)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str

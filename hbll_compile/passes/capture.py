@@ -39,9 +39,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from hbll_compile._util import assign, first_line
 from hbll_compile.errors import CaptureError
 from hbll_compile.passes.guards import ShapeGuards
+from hbll_compile.passes.unroll import fold_stack_selects, push_selects, recurrent_flops, sink_views, unrolled
 
-__all__ = ["MODE_DEPENDENT_MODULES", "Captured", "NodeInfo", "annotate", "capture", "preserved_buffers",
-           "quiet_torch_logs"]
+__all__ = ["MODE_DEPENDENT_MODULES", "Captured", "NodeInfo", "annotate", "batched_float_shapes", "capture",
+           "preserved_buffers", "quiet_torch_logs"]
 
 MODE_DEPENDENT_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -91,8 +92,22 @@ def example_batch(inputs: Sequence[torch.Tensor]) -> int:
     return max(int(inputs[0].shape[0]), 1) if inputs[0].dim() else 1
 
 
-def capture(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor) -> Captured:
+def batched_float_shapes(captured: Captured) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes of the floating-point tensor nodes whose dim 0 is the example's batch, by name."""
+    batch = example_batch(captured.example_inputs)
+    shapes = {}
+    for n in captured.gm.graph.nodes:
+        info = n.meta.get("hbll")
+        if info and info.shape and info.shape[0] == batch and info.dtype and info.dtype.startswith(("float", "bfloat")):
+            shapes[n.name] = info.shape[1:]
+    return shapes
+
+
+def capture(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, over: str = "depth") -> Captured:
     """Capture ``model`` on ``example_inputs`` and annotate every node (see :class:`NodeInfo`).
+
+    With ``over="time"`` the recurrent modules are unrolled over time steps with one packed state
+    tensor between steps (:mod:`~hbll_compile.passes.unroll`); ``"depth"`` captures them as they are.
 
     Rules for the example inputs (each refusal is a :class:`CaptureError` with a remedy):
 
@@ -114,8 +129,11 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor) -> C
     model.train()
     try:
         try:
-            gm, guards, method = *_export(model, inputs), "export"
+            with unrolled(model) if over == "time" else contextlib.nullcontext():
+                gm, guards, method = *_export(model, inputs), "export"
         except Exception as export_error:  # noqa: BLE001 - any failure falls back to torch.fx
+            if over == "time":  # torch.fx keeps a recurrent module whole: nothing to cut over time
+                raise _capture_error(export_error) from export_error
             try:
                 gm, method = fx.symbolic_trace(model), "fx"
             except Exception:  # noqa: BLE001 - the export error explains more; report it
@@ -125,6 +143,10 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor) -> C
         _check_outputs(gm)
         _refuse_baked_training_flags(gm)
         _follow_input_device(gm)
+        if over == "time":
+            fold_stack_selects(gm)
+            sink_views(gm)
+            push_selects(gm)
         annotate(gm, inputs)
     finally:
         model.train(was_training)
@@ -471,7 +493,7 @@ class _Annotator(fx.Interpreter):
         n.meta["hbll"] = NodeInfo(
             shape=tuple(result.shape) if isinstance(result, torch.Tensor) else None,
             dtype=str(result.dtype).removeprefix("torch.") if isinstance(result, torch.Tensor) else None,
-            flops=int(counter.get_total_flops()),
+            flops=int(counter.get_total_flops()) or recurrent_flops(n.target, self.map_nodes_to_values(n.args, n)),
             is_tensor=isinstance(result, torch.Tensor),
         )
         return result

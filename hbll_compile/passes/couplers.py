@@ -20,6 +20,14 @@ Under ``config.coupler_condition="label"`` every coupler gets its own
 :func:`label_layout` for which outputs qualify). The embeddings are drawn from their own seeded RNG
 streams, so every other coupler weight is the same as without conditioning.
 
+Over time (``config.over == "time"``, DESIGN §4) a coupler is ``C_v(h_a, inputs of (a, b])``: it maps the
+recurrent state at a to an estimate of the state at b, conditioned on the span's per-step inputs (the
+float context values its chunks read, :attr:`~hbll_compile.ir.CouplerPlan.condition`). Its encoder, a
+linear map of their flattened concatenation, summarises them into the condition vector, so the coupler
+stays exactly invertible in ``h_a`` for fixed inputs. Its state at time 0 is the one after chunk 1
+(``source = 1``, chunk 1 runs exactly first), since boundary 0 is the input sequence, not a state. The
+encoder's FLOPs count against the budget.
+
 Example:
     >>> import torch, hbll_compile as hc
     >>> net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
@@ -29,6 +37,8 @@ Example:
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -65,32 +75,45 @@ def label_layout(output: Boundary) -> tuple[int, tuple[int, ...]]:
 
 
 def build_couplers(
-    tree: Tree, boundaries: list[Boundary], specs: list[BlockSpec], tail: Tail, config: HBLLConfig
+    tree: Tree, boundaries: list[Boundary], specs: list[BlockSpec], tail: Tail, config: HBLLConfig,
+    context_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> tuple[nn.ModuleDict, list[CouplerPlan]]:
     """Couplers keyed by ``str(node.id)``, seeded by ``config.seed`` (the global RNG is left untouched).
+    ``context_shapes`` gives the per-sample shape of every float context value with a batch dimension
+    (the possible conditions over time).
 
     Raises:
         LoweringError: a coupler cannot be built between two boundary shapes.
     """
     couplers, plans = nn.ModuleDict(), []
+    over_time = config.over == "time"
     per_sample = [spec.sample_flops for spec in specs]
     tail_flops = tail.spec.sample_flops
     labels = label_layout(boundaries[-1]) if config.coupler_condition == "label" else None
+    if labels and over_time:
+        raise LoweringError(f"{_OPTION} is not available over time, where couplers are conditioned on the "
+                            "span's inputs", node="config.coupler_condition",
+                            remedy="use coupler_condition='none' with over='time'")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         for node in tree.internal_nodes:
             a, b = node.span
-            source = 1 if a == 0 and not _is_float(boundaries[0]) else a
+            source = 1 if a == 0 and (over_time or not _is_float(boundaries[0])) else a
             runs_tail = b == tree.n_blocks
             written = tail.input if runs_tail else boundaries[b]
             stands_for = sum(per_sample[source:b]) - (tail_flops if runs_tail else 0)
             budget = max(1, int(config.coupler_cost * stands_for))
+            condition = _span_inputs(specs[source:b], context_shapes or {}) if over_time else ()
+            raw = sum(math.prod(context_shapes[name]) for name in condition) if context_shapes else 0
+            cond_dim = min(raw, math.prod(written.shape))
+            encoder: nn.Module | None = nn.Linear(raw, cond_dim) if cond_dim else None
+            encoder_flops = 2 * raw * cond_dim
+            if labels:  # a label embedding is a lookup: no FLOPs
+                cond_dim, encoder = LABEL_DIM, _label_embedding(labels, node.id, config)
             try:
-                coupler = Coupler.for_budget(boundaries[source].shape, written.shape, budget,
+                coupler = Coupler.for_budget(boundaries[source].shape, written.shape, max(1, budget - encoder_flops),
                                              n_layers=config.coupler_layers, gain=config.coupler_gain,
-                                             cond_dim=LABEL_DIM if labels else 0,
-                                             encoder=_label_embedding(labels, node.id, config),
-                                             mixing=config.coupler_mixing)
+                                             cond_dim=cond_dim, encoder=encoder, mixing=config.coupler_mixing)
             except ValueError as err:
                 raise LoweringError(f"cannot build the coupler of span {node.span}: {err}",
                                    node=f"boundary {source} ({boundaries[source].node})",
@@ -102,8 +125,8 @@ def build_couplers(
                                     f"{coupler.space}", node=f"boundary {source} ({boundaries[source].node})",
                                     remedy="use coupler_condition='none', or another block count")
             couplers[str(node.id)] = coupler
-            plans.append(CouplerPlan(node.id, node.span, source, written.index, runs_tail, budget, coupler.flops(),
-                                     coupler.hidden))
+            plans.append(CouplerPlan(node.id, node.span, source, written.index, runs_tail, budget,
+                                     coupler.flops() + encoder_flops, coupler.hidden, condition))
     return couplers, plans
 
 
@@ -114,6 +137,11 @@ def _label_embedding(labels: tuple[int, tuple[int, ...]] | None, node: int, conf
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed * 1_000_003 + node + 1)
         return LabelEmbedding(labels[0], LABEL_DIM, config.label_dropout)
+
+
+def _span_inputs(specs: list[BlockSpec], shapes: dict[str, tuple[int, ...]]) -> tuple[str, ...]:
+    """The float context values with a batch dimension that the chunks ``specs`` read, in order, once each."""
+    return tuple(dict.fromkeys(name for spec in specs for name in spec.context if name in shapes))
 
 
 def _is_float(boundary: Boundary) -> bool:

@@ -57,7 +57,7 @@ Values (:class:`Value`; ``str()`` gives the text form used in :meth:`Schedule.de
 Critical path, with L = ceil(log2 N) and P = max_i len(tree.path(i)) <= L (P = L for power-of-two N
 and for trees whose leftmost leaf is at depth L):
 
-- BP: 2N. DGL: N + 3 for N >= 2 (N - 1 forward stages, then a head update of 4), 2 for N = 1.
+- BP: 2N. TBPTT: N + 1. DGL: N + 3 for N >= 2 (N - 1 forward stages, then a head update of 4), 2 for N = 1.
 - HBLL tree mode, Parareal: (K+1)·L + 2P + 2, which is DESIGN's (K+3)·L + 2 when P = L.
   Jacobi: L + K + 2P + 2 (each Jacobi sweep is one stage). Wavefront: 2P + 2 (DESIGN's 2L + 2).
 - With heads (N >= 2) the update stage costs max(2P + 2, 4).
@@ -94,6 +94,7 @@ __all__ = [
     "build_bp",
     "build_dgl",
     "build_hbll",
+    "build_tbptt",
 ]
 
 
@@ -404,6 +405,24 @@ def build_dgl(n_blocks: int) -> Schedule:
              for i in range(1, n_blocks)]
     last = Task(TaskKind.BLOCK_UPDATE, Unit.block(n_blocks), (Value.h(n_blocks - 1), _Y), (), evals=2)
     return _validated("dgl", [*forward, (*heads, last)], frozenset({_X, _Y}))
+
+
+def build_tbptt(n_blocks: int) -> Schedule:
+    """Truncated backprop through time over N chunks of time steps (``over="time"``): a detached forward
+    chain through chunks 1..N-1, then chunk N trained by the task loss of its output on its detached
+    initial state. Each chunk learns only from the outputs it emits itself; with a last-step readout
+    only the last chunk emits one, so the earlier chunks get no gradient (that is the baseline's point).
+    Critical path N + 1.
+
+    Example:
+        >>> len(build_tbptt(4)), build_tbptt(4).critical_path()
+        (4, 5)
+    """
+    _check_blocks(n_blocks)
+    forward = [(Task(TaskKind.BLOCK_FORWARD, Unit.block(i), (Value.h(i - 1),), (Value.h(i),)),)
+               for i in range(1, n_blocks)]
+    last = Task(TaskKind.BLOCK_UPDATE, Unit.block(n_blocks), (Value.h(n_blocks - 1), _Y), (), evals=2)
+    return _validated("tbptt", [*forward, (last,)], frozenset({_X, _Y}))
 
 
 def build_hbll(
