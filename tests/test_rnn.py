@@ -134,12 +134,14 @@ def test_bp_equals_full_bptt() -> None:
 
 @pytest.mark.parametrize("inputs", ["wavefront", "tree"])
 def test_no_gradient_crosses_units_over_time(inputs: str) -> None:
-    """A chunk update reaches only the shared recurrent weights and the readout, a coupler update only
-    that coupler; every chunk and coupler gets a gradient."""
+    """A chunk update reaches only the shared recurrent weights, the readout and its local head, a coupler
+    update only that coupler; every chunk and coupler gets a gradient."""
     torch.manual_seed(0)
     net = RecurrentClassifier("GRU", 2, True, D, H, CLASSES)
     m = _compile(net, blocks=4, inputs=inputs)
     owners = {Unit.block(i): set(map(id, net.parameters())) for i in range(1, 5)}
+    for key, head in m.heads.items():  # a block's update trains its fused local head too
+        owners[Unit.block(int(key))] |= set(map(id, head.parameters()))
     owners |= {Unit.coupler(int(k)): set(map(id, c.parameters())) for k, c in m.couplers.items()}
     before: dict[int, torch.Tensor | None] = {}
     trained: set[Unit] = set()
