@@ -17,11 +17,10 @@ import json
 
 import torch
 import torch.nn.functional as F
+from accuracy import ResMLPLN
 
 import hbll_compile as hc
 from hbll_compile.data import load_mnist8k, make_loaders
-
-from accuracy import ResMLPLN
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tree_vjp.jsonl"))
     args = p.parse_args(argv)
     if args.flops:
-        print("| N | " + " | ".join(f"{mode} / BP" for mode in ("path-exact", "tvjp-exact")) + " |\n| --- | --- | --- |")
+        print("| N | path-exact / BP | tvjp-exact / BP |\n| --- | --- | --- |")
         for n in args.blocks:
             r = flops(n)
             print(f"| {n} | {r['path-exact']:.2f} | {r['tvjp-exact']:.2f} |", flush=True)

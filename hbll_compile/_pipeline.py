@@ -84,7 +84,8 @@ def run_passes(
         example_batch=example_batch(captured.example_inputs),
         example_inputs=tuple((tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in captured.example_inputs),
     )
-    return Parts(captured, lowered, tree, couplers, plans, heads, build_schedule(tree, config, frozenset(int(i) for i in heads)), report)
+    schedule = build_schedule(tree, config, frozenset(int(i) for i in heads))
+    return Parts(captured, lowered, tree, couplers, plans, heads, schedule, report)
 
 
 def build_schedule(tree: Tree, config: HBLLConfig, heads: frozenset[int] = frozenset()) -> Schedule:

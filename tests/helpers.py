@@ -337,6 +337,27 @@ def compile_case(case: str, n: int, **config: object) -> hc.HBLLModel:
     return hc.hbll_compile(c.build(), c.example(), blocks=n, loss=loss_for(case), config=hc.HBLLConfig(**config))
 
 
+def train_on_teacher(config: dict, steps: int = 80) -> tuple[hc.HBLLModel, torch.Tensor, torch.Tensor, list[float]]:
+    """The zoo MLP at N=4 under ``HBLLConfig(**config)``, trained ``steps`` AdamW steps on one batch
+    labelled by a random linear teacher; returns the model, the batch, its labels and the eval-mode
+    loss after every step."""
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(20, 5)
+    x = torch.randn(256, 20)
+    y = teacher(x).argmax(-1)
+    m = compile_case("mlp", 4, **config)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        m.training_step(x, target=y)
+        opt.step()
+        with torch.no_grad():
+            losses.append(F.cross_entropy(m.eval()(x), y).item())
+        m.train()
+    return m, x, y, losses
+
+
 fuzz = settings(
     max_examples=1000 if os.environ.get("HBLL_HYPOTHESIS_PROFILE") == "thorough" else 12,
     deadline=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ZOO, compile_case, targets
+from helpers import ZOO, compile_case, targets, train_on_teacher
 
 import hbll_compile as hc
 from hbll_compile.nn import Coupler
@@ -40,26 +40,8 @@ def test_label_conditioning_changes_nothing_at_init() -> None:
     assert extra and all(".cond" in name or "encoder" in name for name in extra)
 
 
-def train_teacher(config: dict, steps: int = 80) -> tuple[hc.HBLLModel, torch.Tensor, torch.Tensor, list[float]]:
-    torch.manual_seed(0)
-    teacher = torch.nn.Linear(20, 5)
-    x = torch.randn(256, 20)
-    y = teacher(x).argmax(-1)
-    m = compile_case("mlp", 4, **config)
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        m.training_step(x, target=y)
-        opt.step()
-        with torch.no_grad():
-            losses.append(F.cross_entropy(m.eval()(x), y).item())
-        m.train()
-    return m, x, y, losses
-
-
 def test_label_conditioned_couplers_train_use_the_label_and_stay_invertible() -> None:
-    m, x, y, losses = train_teacher({"coupler_condition": "label"})
+    m, x, y, losses = train_on_teacher({"coupler_condition": "label"})
     assert losses[-1] < 0.7 * losses[8]
     m.eval()
     env = m.environment(x)
@@ -76,7 +58,7 @@ def test_label_conditioned_couplers_train_use_the_label_and_stay_invertible() ->
 
 
 def test_depth_inference_without_labels_uses_the_no_label_vector() -> None:
-    m, x, y, _ = train_teacher({"coupler_condition": "label"}, steps=20)
+    m, x, y, _ = train_on_teacher({"coupler_condition": "label"}, steps=20)
     m.eval()
     with torch.no_grad():
         got = m(x, depth=0)
