@@ -27,15 +27,17 @@ Rules:
 Examples:
     python benchmarks/table.py --families resmlp resnet --objectives bp dgl --seeds 0 1 2 --epochs 5 --jobs 1 \\
         --out benchmarks/results/table_bp_dgl.jsonl
-    python benchmarks/table.py --families chargpt --objectives hbll --config cfg.json --steps 400 --jobs 2
+    python benchmarks/table.py --families chargpt --objectives hbll --config cfg.json --jobs 2
     python benchmarks/table.py --summarise benchmarks/results/table_*.jsonl > benchmarks/results/issue12_table.md
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -152,6 +154,15 @@ def _chargpt_cell(job: dict[str, Any]) -> tuple[dict[str, Any], Any, Callable[[]
             stack(val_set, range(0, stride * args.batch, stride)))
 
 
+def _commit() -> str:
+    """The checked-out commit (with ``+dirty`` for uncommitted changes): which library code made a row."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "hbll_compile")
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+
+
 def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
     """Train one cell (one thread) and return its rows: one, or one per N for BP (see the module rules)."""
     import hbll_compile as hc
@@ -173,7 +184,8 @@ def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
         ratio = flops_ratio(build(), *train_batch, n, config, loss)
         rows.append({**{k: v for k, v in job.items() if k != "blocks"}, "blocks": n,
                      "trained_blocks": job["blocks"][0], **row, "critical_path": path, "flops_ratio": ratio,
-                     "seconds": time.perf_counter() - started})
+                     "seconds": time.perf_counter() - started, "hbll_config": dataclasses.asdict(m.config),
+                     "commit": _commit()})
     return rows
 
 
@@ -274,8 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--blocks", type=int, nargs="+", default=None, help="only these N (default: every N of a family)")
     p.add_argument("--epochs", type=int, default=5, help="MNIST families")
-    p.add_argument("--steps", type=int, default=400, help="char-GPT training steps")
-    p.add_argument("--eval-every", type=int, default=100, help="char-GPT: held-out perplexity every k steps")
+    p.add_argument("--steps", type=int, default=300, help="char-GPT training steps")
+    p.add_argument("--eval-every", type=int, default=75, help="char-GPT: held-out perplexity every k steps")
     p.add_argument("--config", type=_config, default={}, help="HBLLConfig fields for HBLL cells: JSON or a JSON file")
     p.add_argument("--limit", type=int, default=None, help="MNIST: train on the first K digits only (smoke runs)")
     p.add_argument("--jobs", type=int, default=1, help="parallel cells (one process and one thread each)")
