@@ -223,15 +223,25 @@ def _label(row: dict[str, Any]) -> str:
     return row["objective"] + (f" `{json.dumps(row['config'])}`" if row["config"] else "")
 
 
-def _groups(rows: list[dict[str, Any]]) -> list[tuple[tuple[str, int, str], list[dict[str, Any]]]]:
-    """Rows grouped by cell (family, N, objective and config), in table order; the last row of a seed wins."""
+def _training(row: dict[str, Any]) -> str:
+    """How long a cell trained: rows of different lengths are different cells."""
+    if row["family"] == "chargpt":
+        return f"{row['steps']} steps"
+    return f"{row['epochs']} ep" + (f" on {row['limit']}" if row["limit"] else "")
+
+
+Cell = tuple[str, int, str, str]  # family, N, objective label, training length
+
+
+def _groups(rows: list[dict[str, Any]]) -> list[tuple[Cell, list[dict[str, Any]]]]:
+    """Rows grouped by cell, in table order; the last row of a seed wins."""
     order = {name: i for i, name in enumerate(FAMILIES)}
     objectives = {"bp": 0, "dgl": 1, "hbll": 2}
-    groups: dict[tuple[str, int, str], dict[int, dict[str, Any]]] = {}
+    groups: dict[Cell, dict[int, dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["family"], r["blocks"], _label(r)), {})[r["seed"]] = r
-    keys = sorted(groups, key=lambda k: (order.get(k[0], len(order)), k[0], k[1], objectives.get(k[2].split()[0], 3),
-                                         k[2]))
+        groups.setdefault((r["family"], r["blocks"], _label(r), _training(r)), {})[r["seed"]] = r
+    keys = sorted(groups, key=lambda k: (order.get(k[0], len(order)), k[0], k[1], k[3],
+                                         objectives.get(k[2].split()[0], 3), k[2]))
     return [(k, [groups[k][seed] for seed in sorted(groups[k])]) for k in keys]
 
 
@@ -239,36 +249,45 @@ def summarise(rows: list[dict[str, Any]]) -> str:
     """Markdown: the table (one row per cell, mean ± std over seeds), then per-block cosines and the
     held-out metric after every evaluation (mean over seeds)."""
     groups = _groups(rows)
-    bp = {(k[0], k[1]): statistics.mean(_metric(r)[0] for r in rs) for k, rs in groups if k[2] == "bp"}
-    lines = ["| family | N | objective | seeds | held-out accuracy % (char-GPT: perplexity) | − BP | "
-             f"spread, last {SPREAD_LAST} evals | FLOPs / BP | critical path | mean block cosine | "
-             "whole-update cosine | train s/run |", "|" + " --- |" * 12]
-    for (family, n, label), rs in groups:
+    means = {k: statistics.mean(_metric(r)[0] for r in rs) for k, rs in groups}
+
+    def gap(cell: Cell, reference: str) -> str:
+        other = (cell[0], cell[1], reference, cell[3])
+        return "" if cell[2].split()[0] == reference or other not in means else f"{means[cell] - means[other]:+.2f}"
+
+    lines = ["| family | N | objective | training | seeds | held-out accuracy % (char-GPT: perplexity) | "
+             f"− BP | − DGL | spread, last {SPREAD_LAST} evals | FLOPs / BP | critical path | mean block cosine | "
+             "whole-update cosine | train s/run |", "|" + " --- |" * 14]
+    for cell, rs in groups:
+        family, n, label, training = cell
         finals = [_metric(r)[0] for r in rs]
-        gap = f"{statistics.mean(finals) - bp[family, n]:+.2f}" if (family, n) in bp and label != "bp" else ""
-        spreads = [max(c[-SPREAD_LAST:]) - min(c[-SPREAD_LAST:]) for c in (_metric(r)[1] for r in rs) if c]
+        spreads = [max(c[-SPREAD_LAST:]) - min(c[-SPREAD_LAST:])
+                   for c in (_metric(r)[1] for r in rs) if len(c) >= SPREAD_LAST]
         reports = [r["gradient"] for r in rs if r.get("gradient")]
         cosine = _mean_std([g["mean_cosine"] for g in reports], 3) if reports else "–"
         whole = _mean_std([g["global_cosine"] for g in reports], 3) if reports else "–"
-        lines.append(f"| {family} | {n} | {label} | {len(rs)} | {_mean_std(finals)} | {gap} | "
-                     f"{statistics.mean(spreads):.2f} | {statistics.mean(r['flops_ratio'] for r in rs):.2f} | "
+        lines.append(f"| {family} | {n} | {label} | {training} | {len(rs)} | {_mean_std(finals)} | {gap(cell, 'bp')} | "
+                     f"{gap(cell, 'dgl') if label.split()[0] == 'hbll' else ''} | "
+                     f"{f'{statistics.mean(spreads):.2f}' if spreads else '–'} | "
+                     f"{statistics.mean(r['flops_ratio'] for r in rs):.2f} | "
                      f"{rs[0]['critical_path']} | {cosine} | {whole} | "
                      f"{statistics.mean(r['train_seconds'] for r in rs):.0f} |")
     lines += ["", "Per-block gradient cosine against BP at the end of training (held-out batch, mean over seeds):", "",
-              "| family | N | objective | cosine, block 1 → N |", "| --- | --- | --- | --- |"]
-    for (family, n, label), rs in groups:
+              "| family | N | objective | training | cosine, block 1 → N |", "| --- | --- | --- | --- | --- |"]
+    for (family, n, label, training), rs in groups:
         reports = [r["gradient"]["block_cosine"] for r in rs if r.get("gradient")]
         if reports:
             means = [statistics.mean(c[i] for c in reports if c[i] is not None)
                      if any(c[i] is not None for c in reports) else None for i in range(n)]
-            lines.append(f"| {family} | {n} | {label} | "
+            lines.append(f"| {family} | {n} | {label} | {training} | "
                          + " ".join("–" if c is None else f"{c:.2f}" for c in means) + " |")
     lines += ["", "Held-out metric after every evaluation (MNIST: every epoch; char-GPT: every `eval_every` "
-              "steps), mean over seeds:", "", "| family | N | objective | curve |", "| --- | --- | --- | --- |"]
-    for (family, n, label), rs in groups:
+              "steps), mean over seeds:", "", "| family | N | objective | training | curve |",
+              "| --- | --- | --- | --- | --- |"]
+    for (family, n, label, training), rs in groups:
         curves = [_metric(r)[1] for r in rs]
         length = min(len(c) for c in curves)
-        lines.append(f"| {family} | {n} | {label} | "
+        lines.append(f"| {family} | {n} | {label} | {training} | "
                      + " → ".join(f"{statistics.mean(c[i] for c in curves):.2f}" for i in range(length)) + " |")
     return "\n".join(lines)
 
