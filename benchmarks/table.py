@@ -28,7 +28,8 @@ Examples:
     python benchmarks/table.py --families resmlp resnet --objectives bp dgl --seeds 0 1 2 --epochs 5 --jobs 1 \\
         --out benchmarks/results/table_bp_dgl.jsonl
     python benchmarks/table.py --families chargpt --objectives hbll --config cfg.json --jobs 2
-    python benchmarks/table.py --summarise benchmarks/results/table_*.jsonl > benchmarks/results/issue12_table.md
+    python benchmarks/table.py --objectives bp dgl --resume --out benchmarks/results/table_bp_dgl.jsonl  # finish
+    python benchmarks/table.py --summarise benchmarks/results/table_*.jsonl
 """
 
 from __future__ import annotations
@@ -292,6 +293,11 @@ def summarise(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _done_key(cell: dict[str, Any], n: int) -> str:
+    """What makes a row (or a job at one of its N) the same cell of the same table."""
+    return json.dumps([cell["family"], n, cell["objective"], cell["seed"], cell["config"], _training(cell)])
+
+
 def _config(text: str) -> dict[str, Any]:
     """HBLLConfig fields: JSON text, or the path of a JSON file."""
     path = Path(text)
@@ -312,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=1, help="parallel cells (one process and one thread each)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "table.jsonl"),
                    help="JSON-lines file the rows are appended to")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the cells whose rows --out already holds (to finish an interrupted table)")
     p.add_argument("--summarise", nargs="+", default=None, metavar="FILE",
                    help="only render the table of these JSON-lines files")
     args = p.parse_args(argv)
@@ -321,6 +329,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     todo = jobs(args.families, args.objectives, args.seeds, args.blocks, args.epochs, args.steps, args.eval_every,
                 args.config, args.limit)
+    if args.resume and Path(args.out).is_file():
+        written = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line]
+        done = {_done_key(row, row["blocks"]) for row in written}
+        todo = [j for j in todo if not all(_done_key(j, n) in done for n in j["blocks"])]
     rows = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for cell in pool.map(run_job, todo):
