@@ -26,56 +26,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
-
-
-class MnistCNN(nn.Module):
-    """A plain CNN with BatchNorm for 28x28 digits: six conv-BN-ReLU layers, two poolings, a linear head."""
-
-    def __init__(self, channels: tuple[int, ...] = (8, 8, 16, 16, 32, 32), classes: int = 10) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 1
-        for i, c in enumerate(channels):
-            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
-            if i in (1, 3):
-                layers.append(nn.MaxPool2d(2))
-            c_in = c
-        self.features = nn.Sequential(*layers)
-        self.fc = nn.Linear(c_in, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x).mean(dim=(2, 3)))
-
-
-class PreHeadNormBlock(nn.Module):
-    """``x + fc2(gelu(fc1(x)))`` with a 2x hidden layer and no inner normalisation."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(width, 2 * width)
-        self.fc2 = nn.Linear(2 * width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(F.gelu(self.fc1(x)))
-
-
-class ResMLPLN(nn.Module):
-    """Issue 12's network: a stem, residual blocks without inner norms, then a LayerNorm before the linear
-    head (so the last legal cut falls between the LayerNorm and the head)."""
-
-    def __init__(self, width: int = 256, depth: int = 16, classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Linear(784, width)
-        self.blocks = nn.Sequential(*[PreHeadNormBlock(width) for _ in range(depth)])
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.blocks(self.stem(x.flatten(1)))))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from models import MnistCNN, ResMLPLN  # noqa: E402
 
 
 def _exact_spans(model: Any, node: int, h: torch.Tensor, env: dict) -> torch.Tensor:

@@ -29,7 +29,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
-from accuracy import ResMLPLN  # noqa: E402  (benchmarks/ is this script's own folder)
+from models import ResMLPLN  # noqa: E402  (benchmarks/ is this script's own folder)
 
 
 def build(name: str) -> nn.Module:

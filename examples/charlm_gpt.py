@@ -89,8 +89,10 @@ def perplexity(m: hc.HBLLModel, data: torch.utils.data.Dataset, batches: int = 2
     return math.exp(sum(losses) / len(losses))
 
 
-def train(objective: str, args: argparse.Namespace) -> tuple[float, hc.HBLLModel]:
-    """Train from the seed's initialisation (identical for every objective); return held-out perplexity."""
+def train(objective: str, args: argparse.Namespace,
+          curve: list[tuple[int, float]] | None = None) -> tuple[float, hc.HBLLModel]:
+    """Train from the seed's initialisation (identical for every objective); return held-out perplexity.
+    With ``curve`` and ``args.eval_every`` = k > 0, ``(step, held-out perplexity)`` is appended every k steps."""
     train_set, val_set, _ = load_char_lm(block_size=args.context)
     torch.manual_seed(args.seed)
     net = build_model(train_set.vocab_size, args.layers, args.dim, args.context)
@@ -109,6 +111,8 @@ def train(objective: str, args: argparse.Namespace) -> tuple[float, hc.HBLLModel
             m.training_step(x, target=y)
             optimizer.step()
             step += 1
+            if curve is not None and args.eval_every and step % args.eval_every == 0:
+                curve.append((step, perplexity(m, val_set)))
             if step >= args.steps:
                 break
     return perplexity(m, val_set), m
@@ -124,6 +128,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every k steps (0: at the end only)")
     p.add_argument("--config", type=json.loads, default={},
                    help='extra HBLLConfig fields for the HBLL run, as JSON, e.g. {"output_tail": "block"}')
     return p

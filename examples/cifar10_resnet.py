@@ -40,9 +40,10 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """ResNet-20 style: a stem and three stages of ``per_stage`` basic blocks (two downsampling)."""
 
-    def __init__(self, width: int = 16, per_stage: int = 3, classes: int = 10) -> None:
+    def __init__(self, width: int = 16, per_stage: int = 3, classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU())
         layers, c = [], width
         for stage, c_out in enumerate((width, 2 * width, 4 * width)):
             for k in range(per_stage):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import write_cifar10
 
 from hbll_compile.cli import main as cli
@@ -21,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
-def _example(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+def _example(name: str, folder: Path = EXAMPLES):
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -88,6 +90,34 @@ def test_charlm_example_runs() -> None:
     results = _example("charlm_gpt").main(["--steps", "4", "--dim", "32", "--layers", "2", "--blocks", "2",
                                            "--context", "16", "--batch", "4"])
     assert set(results) == {"bp", "hbll"} and all(v > 1 for v in results.values())
+
+
+def test_benchmark_table_runs_cells_and_renders(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/table.py on a tiny setting (a narrow ResMLP in place of the family's network, forked into
+    the worker process): BP trains once and writes a row per N; HBLL rows carry the end-of-training gradient
+    report; --summarise renders the rows it wrote."""
+    table = _example("table", ROOT / "benchmarks")
+    monkeypatch.setitem(table.FAMILIES, "resmlp", table.Family(lambda: _example("mnist_resmlp").ResMLP(32, 8),
+                                                               "flat", (4, 8)))
+    out = tmp_path / "rows.jsonl"
+    common = ["--families", "resmlp", "--seeds", "0", "--epochs", "1", "--limit", "256", "--out", str(out)]
+    table.main([*common, "--objectives", "bp", "--blocks", "4", "8"])
+    table.main([*common, "--objectives", "hbll", "--blocks", "8"])
+    table.main([*common, "--objectives", "bp", "--blocks", "4", "8", "--resume"])  # both rows are there: no run
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["objective"], r["blocks"], r["trained_blocks"]) for r in rows] == [("bp", 4, 4), ("bp", 8, 4),
+                                                                                 ("hbll", 8, 8)]
+    bp4, bp8, hbll8 = rows
+    assert bp4["accuracy"] == bp8["accuracy"] and len(bp4["epoch_accuracy"]) == 1
+    assert (bp4["critical_path"], bp8["critical_path"]) == (8, 16) and bp4["gradient"] is None
+    torch.testing.assert_close(bp8["flops_ratio"], 1.0, rtol=0.02, atol=0.0)  # compiled BP counts as eager BP
+    assert hbll8["flops_ratio"] > 1.0 and len(hbll8["gradient"]["block_cosine"]) == 8
+    assert all(abs(c) <= 1.0 + 1e-6 for c in hbll8["gradient"]["block_cosine"])
+    capsys.readouterr()
+    table.main(["--summarise", str(out)])
+    rendered = capsys.readouterr().out
+    assert "| resmlp | 8 | hbll | 1 ep on 256 | 1 |" in rendered and "| resmlp | 4 | bp | 1 ep on 256 | 1 |" in rendered
 
 
 def test_cifar10_example_reads_local_batches(tmp_path: Path) -> None:
