@@ -17,7 +17,7 @@ import json
 
 import torch
 import torch.nn.functional as F
-from accuracy import ResMLPLN
+from models import ResMLPLN
 
 import hbll_compile as hc
 from hbll_compile.data import load_mnist8k, make_loaders

@@ -42,8 +42,8 @@ from hbll_compile.runtime.trainer import evaluate
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from accuracy import ResMLPLN  # noqa: E402
 from mnist_resmlp import ResMLP  # noqa: E402
+from models import ResMLPLN  # noqa: E402
 
 MODES = ("bp", "path-exact", "tvjp-exact", "tvjp-delayed", "tvjp-tree")
 
