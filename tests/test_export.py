@@ -29,7 +29,7 @@ import hbll_compile as hc
 from hbll_compile.cli import main
 from hbll_compile.errors import ExportError
 from hbll_compile.export.units import UnitObjective, chain_boundaries, training_units, unit_example
-from hbll_compile.runtime.objectives import coupler_loss, path_loss
+from hbll_compile.runtime.objectives import coupler_loss, head_loss, path_loss
 from hbll_compile.runtime.schedule import Task
 
 onnx = pytest.importorskip("onnx")
@@ -207,7 +207,10 @@ def test_training_units_follow_the_objectives() -> None:
     for unit in training_units(m):
         args = unit_example(m, unit, x, y, hs)
         if unit.kind == "block":
-            expected = path_loss(m, unit.path, m.run_block(unit.index, args[0], env), y, env)
+            out = m.run_block(unit.index, args[0], env)
+            expected = path_loss(m, unit.path, out, y, env)
+            if str(unit.index) in m.heads:  # the default local head joins the block's objective
+                expected = expected + m.config.head_weight * head_loss(m, unit.index, out, y)
         else:
             expected = coupler_loss(m, unit.index, (), args[0], args[1], y, env)
         torch.testing.assert_close(UnitObjective(m, unit)(*args), expected)
@@ -486,7 +489,10 @@ def _torch_reference(name: str, unit_name: str, args: list[np.ndarray], steps: i
     for _ in range(steps):
         optimizer.zero_grad()
         if unit.kind == "block":
-            loss = path_loss(m, unit.path, m.run_block(unit.index, tensors[0], env), y, env)
+            out = m.run_block(unit.index, tensors[0], env)
+            loss = path_loss(m, unit.path, out, y, env)
+            if str(unit.index) in m.heads:  # the default local head joins the block's objective
+                loss = loss + m.config.head_weight * head_loss(m, unit.index, out, y)
         else:
             loss = coupler_loss(m, unit.index, (), tensors[0], tensors[1], y, env)
         torch.autograd.backward(loss, inputs=params)
@@ -527,7 +533,7 @@ def test_ort_artifacts_files_and_manifest(ort_artifacts: tuple[Path, dict]) -> N
             assert onnx.load(str(directory / file), load_external_data=False).ir_version <= 10
     block = manifest["units"]["block2"]
     assert block["input_names"] == ["h", "target"] and block["target"]["dtype"] == "int64"
-    assert all(name.startswith("blocks.1.") for name in block["trainable"].values())
+    assert all(name.startswith(("blocks.1.", "heads.2.")) for name in block["trainable"].values())  # block 2, its head
     coupler = manifest["units"]["coupler4"]
     assert coupler["kind"] == "coupler" and coupler["target"]["role"] == "h_4"
     assert results["exported"]["masked"]["block3"] == ["h", "tokens", "target"]
