@@ -97,4 +97,4 @@ def build_schedule(tree: Tree, config: HBLLConfig, heads: frozenset[int] = froze
     if config.objective == "tbptt":
         return build_tbptt(tree.n_blocks)
     return build_hbll(tree, inputs=config.inputs, corrections=config.corrections, correction=config.correction,
-                      heads=heads if config.head_weight > 0 else frozenset())
+                      heads=heads)

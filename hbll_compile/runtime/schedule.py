@@ -398,12 +398,9 @@ def build_dgl(n_blocks: int) -> Schedule:
         >>> len(build_dgl(4)), build_dgl(4).critical_path()
         (4, 7)
     """
-    _check_blocks(n_blocks)
-    forward = [(Task(TaskKind.BLOCK_FORWARD, Unit.block(i), (Value.h(i - 1),), (Value.h(i),)),)
-               for i in range(1, n_blocks)]
+    forward, last = _detached_chain(n_blocks)
     heads = [Task(TaskKind.HEAD_UPDATE, Unit.head(i), (Value.h(i - 1), _Y), (), evals=_HEAD_EVALS)
              for i in range(1, n_blocks)]
-    last = Task(TaskKind.BLOCK_UPDATE, Unit.block(n_blocks), (Value.h(n_blocks - 1), _Y), (), evals=2)
     return _validated("dgl", [*forward, (*heads, last)], frozenset({_X, _Y}))
 
 
@@ -418,11 +415,17 @@ def build_tbptt(n_blocks: int) -> Schedule:
         >>> len(build_tbptt(4)), build_tbptt(4).critical_path()
         (4, 5)
     """
-    _check_blocks(n_blocks)
-    forward = [(Task(TaskKind.BLOCK_FORWARD, Unit.block(i), (Value.h(i - 1),), (Value.h(i),)),)
-               for i in range(1, n_blocks)]
-    last = Task(TaskKind.BLOCK_UPDATE, Unit.block(n_blocks), (Value.h(n_blocks - 1), _Y), (), evals=2)
+    forward, last = _detached_chain(n_blocks)
     return _validated("tbptt", [*forward, (last,)], frozenset({_X, _Y}))
+
+
+def _detached_chain(n_blocks: int) -> tuple[list[Stage], Task]:
+    """What DGL and truncated BPTT share: blocks 1..N-1 forward without grad, one stage each, and block
+    N's update on the task loss of its output."""
+    _check_blocks(n_blocks)
+    forward: list[Stage] = [(Task(TaskKind.BLOCK_FORWARD, Unit.block(i), (Value.h(i - 1),), (Value.h(i),)),)
+                            for i in range(1, n_blocks)]
+    return forward, Task(TaskKind.BLOCK_UPDATE, Unit.block(n_blocks), (Value.h(n_blocks - 1), _Y), (), evals=2)
 
 
 def build_hbll(
