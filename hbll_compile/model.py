@@ -35,7 +35,7 @@ from hbll_compile.passes.lower import bind_state
 from hbll_compile.runtime._batching import blocks_sharing_parameters
 from hbll_compile.runtime.executor import Executor, TaskHook
 from hbll_compile.runtime.fidelity import GradientReport, gradient_report
-from hbll_compile.runtime.trainer import evaluate, fit
+from hbll_compile.runtime.trainer import RECALIBRATE_BN, evaluate, fit, recalibrate_batchnorm, to_device
 
 __all__ = ["HBLLModel"]
 
@@ -345,14 +345,24 @@ class HBLLModel(nn.Module):
         resume: bool = False,
         diagnose_every: int | None = None,
         diagnose_batch: Sequence[torch.Tensor] | None = None,
+        recalibrate_bn: int = RECALIBRATE_BN,
     ) -> dict[str, list[Any]]:
         """Train for ``epochs`` on batches ``(inputs..., target)`` with a rich progress bar (loss,
         steps/s, stage count); default optimizer AdamW(lr=1e-3). Returns the per-epoch history. See
-        :func:`hbll_compile.runtime.trainer.fit` for non-finite handling, checkpoints, resuming and
-        ``diagnose_every`` (the :meth:`gradient_report` summary every k steps on one fixed batch)."""
+        :func:`hbll_compile.runtime.trainer.fit` for non-finite handling, checkpoints, resuming,
+        ``diagnose_every`` (the :meth:`gradient_report` summary every k steps on one fixed batch) and
+        ``recalibrate_bn`` (BatchNorm statistics recomputed after each epoch, see
+        :meth:`recalibrate_batchnorm`)."""
         return fit(self, train_loader, epochs, optimizer, eval_loader, progress=progress, on_nonfinite=on_nonfinite,
                    checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
-                   diagnose_every=diagnose_every, diagnose_batch=diagnose_batch)
+                   diagnose_every=diagnose_every, diagnose_batch=diagnose_batch, recalibrate_bn=recalibrate_bn)
+
+    def recalibrate_batchnorm(self, batches: Iterable[Sequence[torch.Tensor]]) -> int:
+        """Recompute every BatchNorm layer's running statistics from ``batches`` ``(inputs..., target)`` at the
+        current weights (a plain average; :func:`hbll_compile.runtime.trainer.recalibrate_batchnorm`). Call it
+        before evaluating a model trained outside :meth:`fit`. Returns the number of layers recomputed."""
+        device = device_of(self)
+        return recalibrate_batchnorm(self, (to_device(batch, device) for batch in batches))
 
     def depth_flops(self, depth: int | None) -> int:
         """Per-sample FLOPs of ``self(x, depth=depth)`` (the exact chain for ``None``)."""

@@ -205,3 +205,53 @@ def test_hbll_step_flops_within_issue_budget() -> None:
     with FlopCounterMode(display=False) as counter:
         m.training_step(x, target=y)
     assert 1.0 < counter.get_total_flops() / bp <= 2.0
+
+
+def _bn_loader(seed: int = 0) -> torch.utils.data.DataLoader:
+    torch.manual_seed(seed)
+    x = torch.randn(96, 1, 16, 16) * 3 + 2
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, targets("cnn_bn", 96)), batch_size=32)
+
+
+def test_recalibrated_batchnorm_statistics_are_the_plain_average_over_the_batches() -> None:
+    """Oracle: with the first BatchNorm right after the first conv, its running mean is the mean of that
+    conv's output over all (equal-sized) batches, whatever training left in it."""
+    m = compile_case("cnn_bn", 2, objective="hbll")
+    batches = list(_bn_loader())
+    bns = [mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    weight = m.get_parameter("blocks.0.features.0.weight")  # the first conv (no bias), captured as a function
+    bns[0].running_mean.fill_(7.0)
+    m.eval()
+    assert m.recalibrate_batchnorm(batches) == len(bns) == 4
+    assert not m.training and bns[0].momentum == 0.1  # mode and momentum as they were
+    with torch.no_grad():
+        out = F.conv2d(torch.cat([b[0] for b in batches]), weight, padding=1)
+    torch.testing.assert_close(bns[0].running_mean, out.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+    assert int(bns[0].num_batches_tracked) == len(batches)
+
+
+def test_fit_recalibrates_batchnorm_from_the_last_batches_it_trained_on() -> None:
+    """Differential: fit(recalibrate_bn=2) equals fit(recalibrate_bn=0) followed by a recalibration on the
+    epoch's last two batches; the weights are the same either way, only the statistics differ."""
+    runs = []
+    for k in (2, 0):
+        m = compile_case("cnn_bn", 2, objective="hbll")
+        m.fit(_bn_loader(), epochs=1, progress=False, recalibrate_bn=k)
+        runs.append(m)
+    recalibrated, plain = runs
+    bn = [b for b in plain.modules() if isinstance(b, torch.nn.BatchNorm2d)][-1]
+    before = bn.running_mean.clone()
+    plain.recalibrate_batchnorm(list(_bn_loader())[-2:])
+    assert not torch.allclose(before, bn.running_mean)
+    torch.testing.assert_close(recalibrated.state_dict(), plain.state_dict())
+
+
+def test_recalibration_without_batchnorm_reads_no_batch_and_bad_counts_are_refused() -> None:
+    def never() -> object:
+        raise AssertionError("a model without BatchNorm must not read the batches")
+        yield
+
+    m = compile_case("mlp", 2)
+    assert m.recalibrate_batchnorm(never()) == 0
+    with pytest.raises(hc.TrainingError, match="recalibrate_bn"):
+        m.fit(_bn_loader(), epochs=1, progress=False, recalibrate_bn=-1)

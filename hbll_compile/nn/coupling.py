@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-from .adapters import Shape, ShapeAdapter, as_shape, check_batch, feature_axis, make_adapter
+from .adapters import Compose, Flatten, Identity, Shape, ShapeAdapter, as_shape, check_batch, feature_axis, make_adapter
 
 __all__ = ["ATTENTION_DIM", "CAUSAL_KERNEL", "AdditiveCoupling", "Coupler", "LabelEmbedding", "Mixing", "check_cond"]
 
@@ -229,10 +229,15 @@ class Coupler(nn.Module):
     """A cheap learned map from boundary shape ``in_shape`` to ``out_shape``.
 
     ``make_adapter(in_shape, out_shape)`` and ``n_layers`` ``AdditiveCoupling`` layers of width
-    ``hidden`` and output ``gain``. The layers work in the larger space: after an injective adapter
-    (pad, space-to-depth) in ``out_shape`` space, before a lossy one (crop, pooling) in ``in_shape``
-    space, so a coupler into narrow logits still sees every input feature. A fresh coupler
-    equals its adapter. ``inverse`` undoes both parts exactly, so ``inverse(forward(x)) == x``
+    ``hidden`` and output ``gain``. The layers work between the adapter's leading injective parts that
+    keep the tensor's rank (channel padding, space-to-depth, depth-to-space) and the rest (a crop,
+    pooling, flattening): ``forward = rest ∘ layers ∘ lead``, where :attr:`space` is ``lead``'s output.
+    So a coupler into narrow logits still sees every input feature, and a downsampling coupler
+    (space-to-depth, then a channel crop) couples on the space-to-depth output, where each pixel phase
+    is its own channel: coupling on the full-resolution input instead makes the layers' convolutions
+    compute one function for all four phases (they cannot tell them apart), so the kept channels could
+    hold only a quarter as many distinct features (measured in BENCHMARKS.md, issue 13). A fresh
+    coupler equals its adapter. ``inverse`` undoes both parts exactly, so ``inverse(forward(x)) == x``
     whenever ``injective`` (and ``forward(inverse(y)) == y`` whenever the adapter is surjective).
 
     **Conditioning** (``cond_dim > 0``): ``forward(x, cond)`` and ``inverse(y, cond)`` hand a
@@ -263,8 +268,8 @@ class Coupler(nn.Module):
         self.out_shape = self.adapter.out_shape
         self.hidden = hidden
         self.cond_dim = cond_dim
-        self.couple_first = not self.adapter.injective
-        self.space = self.in_shape if self.couple_first else self.out_shape
+        self.lead, self.rest = _split_adapter(self.adapter)
+        self.space = self.lead.out_shape
         """The per-sample shape the coupling layers work on (and a condition must fit)."""
         self.layers = nn.ModuleList(
             AdditiveCoupling(self.space, hidden, gain, cond_dim, mixing) for _ in range(n_layers)
@@ -286,16 +291,16 @@ class Coupler(nn.Module):
         return self.encoder(raw) if self.encoder is not None else raw
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        y = x if self.couple_first else self.adapter(x)
+        y = self.lead(x)
         for layer in self.layers:
             y = layer(y, cond)
-        return self.adapter(y) if self.couple_first else y
+        return self.rest(y)
 
     def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.adapter.inverse(y) if self.couple_first else y
+        x = self.rest.inverse(y)
         for layer in reversed(self.layers):
             x = layer.inverse(x, cond)  # type: ignore[operator]  # every layer is an AdditiveCoupling
-        return x if self.couple_first else self.adapter.inverse(x)
+        return self.lead.inverse(x)  # type: ignore[operator]  # lead is a ShapeAdapter
 
     def flops(self, batch: int = 1) -> int:
         """FLOPs of one forward pass on ``batch`` samples, measured by ``FlopCounterMode``.
@@ -369,6 +374,24 @@ class Coupler(nn.Module):
             c_mid = cost(mid)
             lo, c_lo, hi, c_hi = (mid, c_mid, hi, c_hi) if c_mid <= flop_budget else (lo, c_lo, mid, c_mid)
         return cls(in_shape, out_shape, lo, n_layers, gain, cond_dim, encoder, mixing)
+
+
+def _split_adapter(adapter: ShapeAdapter) -> tuple[ShapeAdapter, ShapeAdapter]:
+    """``(lead, rest)`` with ``rest ∘ lead == adapter``: ``lead`` is the whole adapter when it is injective,
+    else its longest run of leading parts that are injective and keep the rank (not :class:`Flatten`, so a
+    lossy image-to-vector adapter couples on the image); ``rest`` is the parts after ``lead``."""
+    parts = list(adapter.parts) if isinstance(adapter, Compose) else [adapter]
+    k = len(parts) if adapter.injective else 0
+    while k < len(parts) and parts[k].injective and not isinstance(parts[k], Flatten):
+        k += 1
+
+    def chain(chosen: list[nn.Module], shape: Shape) -> ShapeAdapter:
+        if not chosen:
+            return Identity(shape)
+        return chosen[0] if len(chosen) == 1 else Compose(*chosen)  # type: ignore[arg-type, return-value]
+
+    lead = chain(parts[:k], adapter.in_shape)
+    return lead, chain(parts[k:], lead.out_shape)
 
 
 class LabelEmbedding(nn.Module):

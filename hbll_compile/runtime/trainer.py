@@ -15,16 +15,22 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence, Sized
 from typing import Any, Literal
 
 import torch
+from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from hbll_compile._util import device_of
 from hbll_compile.errors import NonFiniteError, TrainingError
 from hbll_compile.runtime.fidelity import gradient_report
 
-__all__ = ["evaluate", "fit", "split_batch", "to_device"]
+__all__ = ["RECALIBRATE_BN", "evaluate", "fit", "recalibrate_batchnorm", "split_batch", "to_device"]
+
+RECALIBRATE_BN = 16
+"""``fit``'s default number of training batches that BatchNorm statistics are recomputed from after each epoch."""
 
 Batch = Sequence[torch.Tensor]
 
@@ -39,6 +45,40 @@ def split_batch(batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
 
 def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(device, non_blocking=True) for t in tensors)
+
+
+class _Unpack(nn.Module):
+    """Calls ``model(*inputs)`` on one tuple of inputs: ``update_bn`` hands the model one object per batch."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        return self.model(*inputs)
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Batch]) -> int:
+    """Recompute the running statistics of every BatchNorm layer of ``model`` that tracks them, at the current
+    weights: their plain average over ``batches`` (``(inputs..., target)``, on the model's device), through
+    ``torch.optim.swa_utils.update_bn``. Returns the number of layers recomputed; with none, ``batches`` is
+    not read. The model's train/eval mode and the layers' momenta are left as they were.
+
+    Why: running averages trail weights that move fast, so eval-mode outputs can be far from the train-mode
+    ones (BENCHMARKS.md, issue 13: a BatchNorm ResNet after one epoch, 72% eval-mode against 95% with batch
+    statistics under BP, 37% against 78% under HBLL, whose blocks train on a pipeline of changing inputs).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        >>> recalibrate_batchnorm(net, [(torch.randn(8, 3) + 5, torch.zeros(8))])
+        1
+        >>> bool(net[1].running_mean.abs().max() > 0)
+        True
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if layers:
+        update_bn(([split_batch(batch)[0]] for batch in batches), _Unpack(model).train(model.training))
+    return len(layers)
 
 
 @torch.no_grad()
@@ -77,6 +117,7 @@ def fit(
     resume: bool = False,
     diagnose_every: int | None = None,
     diagnose_batch: Batch | None = None,
+    recalibrate_bn: int = RECALIBRATE_BN,
 ) -> dict[str, list[Any]]:
     """Train with ``model.training_step`` for ``epochs``; returns per-epoch history.
 
@@ -98,6 +139,10 @@ def fit(
       ``"step"``, before training and after every k steps, always on the same batch
       (``diagnose_batch``, ``(inputs..., target)``, else the first batch trained on). Steps per second
       leave the reports' time out.
+    - With BatchNorm layers in the model, after every epoch (before its evaluation) their running
+      statistics are recomputed from the epoch's last ``recalibrate_bn`` training batches at the epoch's
+      final weights (:func:`recalibrate_batchnorm`); ``recalibrate_bn=0`` keeps the running averages that
+      training left. The batches are the ones just trained on, so the loader is not read again.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -107,6 +152,9 @@ def fit(
     if diagnose_every is not None and diagnose_every < 1:
         raise TrainingError(f"diagnose_every must be >= 1, got {diagnose_every}", node="diagnose_every",
                             remedy="pass a step interval such as diagnose_every=10, or None to skip reports")
+    if recalibrate_bn < 0:
+        raise TrainingError(f"recalibrate_bn must be >= 0, got {recalibrate_bn}", node="recalibrate_bn",
+                            remedy="pass a number of training batches such as 16, or 0 to keep the running averages")
     if (checkpoint_every or resume) and checkpoint is None:
         raise TrainingError("checkpoint_every and resume need a checkpoint path", node="checkpoint",
                             remedy="pass checkpoint='run.safetensors'")
@@ -151,6 +199,7 @@ def fit(
             task = bar.add_task("train", total=total, epoch=epoch, loss=float("nan"), rate=0.0)
             model.train()
             losses, skipped, start, steps = [], 0, time.perf_counter(), 0
+            recent: deque[Batch] = deque(maxlen=recalibrate_bn)
             if step >= done:
                 rng_epoch = torch.get_rng_state()
             for batch in train_loader:
@@ -161,6 +210,8 @@ def fit(
                         torch.set_rng_state(rng_now)
                     continue
                 inputs, target = split_batch(to_device(batch, device))
+                if recalibrate_bn:
+                    recent.append((*inputs, target))
                 if diagnose_every is not None and not history["gradient_report"]:
                     fixed = fixed if fixed is not None else (inputs, target)
                     start += diagnose(step)
@@ -186,6 +237,7 @@ def fit(
             history["loss"].append(sum(losses) / len(losses) if losses else float("nan"))
             history["skipped"].append(skipped)
             history["steps_per_s"].append(steps / (time.perf_counter() - start))
+            recalibrate_batchnorm(model, recent)
             if eval_loader is not None:
                 metrics = evaluate(model, eval_loader)
                 history["eval_loss"].append(metrics["loss"])
