@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import chain
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -300,7 +300,7 @@ class Coupler(nn.Module):
         x = self.rest.inverse(y)
         for layer in reversed(self.layers):
             x = layer.inverse(x, cond)  # type: ignore[operator]  # every layer is an AdditiveCoupling
-        return self.lead.inverse(x)  # type: ignore[operator]  # lead is a ShapeAdapter
+        return self.lead.inverse(x)
 
     def flops(self, batch: int = 1) -> int:
         """FLOPs of one forward pass on ``batch`` samples, measured by ``FlopCounterMode``.
@@ -380,15 +380,15 @@ def _split_adapter(adapter: ShapeAdapter) -> tuple[ShapeAdapter, ShapeAdapter]:
     """``(lead, rest)`` with ``rest ∘ lead == adapter``: ``lead`` is the whole adapter when it is injective,
     else its longest run of leading parts that are injective and keep the rank (not :class:`Flatten`, so a
     lossy image-to-vector adapter couples on the image); ``rest`` is the parts after ``lead``."""
-    parts = list(adapter.parts) if isinstance(adapter, Compose) else [adapter]
+    parts = [cast(ShapeAdapter, a) for a in adapter.parts] if isinstance(adapter, Compose) else [adapter]
     k = len(parts) if adapter.injective else 0
     while k < len(parts) and parts[k].injective and not isinstance(parts[k], Flatten):
         k += 1
 
-    def chain(chosen: list[nn.Module], shape: Shape) -> ShapeAdapter:
+    def chain(chosen: list[ShapeAdapter], shape: Shape) -> ShapeAdapter:
         if not chosen:
             return Identity(shape)
-        return chosen[0] if len(chosen) == 1 else Compose(*chosen)  # type: ignore[arg-type, return-value]
+        return chosen[0] if len(chosen) == 1 else Compose(*chosen)
 
     lead = chain(parts[:k], adapter.in_shape)
     return lead, chain(parts[k:], lead.out_shape)
