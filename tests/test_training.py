@@ -222,7 +222,8 @@ def test_recalibrated_batchnorm_statistics_are_the_plain_average_over_the_batche
     weight = m.get_parameter("blocks.0.features.0.weight")  # the first conv (no bias), captured as a function
     bns[0].running_mean.fill_(7.0)
     m.eval()
-    assert m.recalibrate_batchnorm(batches) == len(bns) == 4
+    empty = (batches[0][0][:0], batches[0][1][:0])  # skipped: it would count without adding statistics
+    assert m.recalibrate_batchnorm([empty, *batches]) == len(bns) == 4
     assert not m.training and bns[0].momentum == 0.1  # mode and momentum as they were
     with torch.no_grad():
         out = F.conv2d(torch.cat([b[0] for b in batches]), weight, padding=1)

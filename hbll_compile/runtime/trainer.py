@@ -60,9 +60,10 @@ class _Unpack(nn.Module):
 
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Batch]) -> int:
     """Recompute the running statistics of every BatchNorm layer of ``model`` that tracks them, at the current
-    weights: their plain average over ``batches`` (``(inputs..., target)``, on the model's device), through
-    ``torch.optim.swa_utils.update_bn``. Returns the number of layers recomputed; with none, ``batches`` is
-    not read. The model's train/eval mode and the layers' momenta are left as they were.
+    weights: their plain average over ``batches`` (``(inputs..., target)``, on the model's device; empty ones
+    are skipped), through ``torch.optim.swa_utils.update_bn``. Returns the number of layers recomputed;
+    with none, ``batches`` is not read. The model's train/eval mode and the layers' momenta are left as
+    they were.
 
     Why: running averages trail weights that move fast, so eval-mode outputs can be far from the train-mode
     ones (BENCHMARKS.md, issue 13: a BatchNorm ResNet after one epoch, 72% eval-mode against 95% with batch
@@ -77,7 +78,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Batch]) -> int:
     """
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if layers:
-        update_bn(([split_batch(batch)[0]] for batch in batches), _Unpack(model).train(model.training))
+        inputs = (split_batch(batch)[0] for batch in batches)
+        # an empty batch would count in the average (num_batches_tracked) without adding statistics
+        update_bn(([x] for x in inputs if len(x[0])), _Unpack(model).train(model.training))
     return len(layers)
 
 
