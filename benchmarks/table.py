@@ -9,8 +9,9 @@ Families (network, data, the N of the table):
 
 A cell is (family, N, objective, seed). MNIST cells train with ``m.fit`` (AdamW 1e-3, batch 128) for
 ``--epochs`` and record held-out accuracy after every epoch (``fit`` recomputes BatchNorm statistics from
-the epoch's last 16 training batches first, for every objective: the ResNet's rows); char-GPT cells train ``--steps`` steps
-(AdamW 1e-3, batch 32) and record held-out perplexity every ``--eval-every`` steps. Every row also holds:
+the epoch's last 16 training batches first, for every objective: the ResNet's rows); char-GPT cells
+train ``--steps`` steps (AdamW 1e-3, batch 32) and record held-out perplexity every ``--eval-every`` steps.
+Every row also holds:
 - ``flops_ratio``: FLOPs of one compiled training step over one eager BP step (``flops.flops_ratio``: a
   fresh copy of the seed's network, one training batch, counted once the wavefront pipeline is full);
 - ``critical_path``: ``m.schedule.critical_path()``;
