@@ -21,6 +21,7 @@ ExecutorKind = Literal["loop", "batched"]
 OutputTail = Literal["auto", "head", "block"]
 CouplerCondition = Literal["none", "label"]
 CouplerMixing = Literal["none", "causal_conv", "causal_attention"]
+CouplerBudget = Literal["span", "block"]
 
 DEFAULT_HEAD_WEIGHT = 0.5
 """λ when ``HBLLConfig.local_head_weight`` is None (chosen by measurement: BENCHMARKS.md, issue 12)."""
@@ -34,6 +35,7 @@ _CHOICES = {
     "output_tail": get_args(OutputTail),
     "coupler_condition": get_args(CouplerCondition),
     "coupler_mixing": get_args(CouplerMixing),
+    "coupler_budget": get_args(CouplerBudget),
 }
 """Every choice field and its allowed values, read from the Literal types (one place)."""
 
@@ -60,6 +62,13 @@ class HBLLConfig:
         coupler_cost: each coupler's FLOP budget, as a fraction of the FLOPs of the blocks it stands in
             for. Raising it buys better shallow subnetworks for more work per step (default chosen by
             measurement: BENCHMARKS.md, "Departures").
+        coupler_budget: what ``coupler_cost`` is a fraction of. ``"span"`` (default): the FLOPs of all the
+            blocks a coupler stands in for, so block i's path costs ``coupler_cost`` times the FLOPs of
+            blocks i+1..N, and one step's coupler work grows with N² blocks' worth. ``"block"``: their
+            mean per block (the span's FLOPs over the number of blocks in it), so every coupler costs
+            about ``coupler_cost`` of one block, a path at most log2 N of them, and the work grows as
+            N·log2 N: a residual MLP at N=64 steps at 1.53× BP's FLOPs instead of 2.63× (BENCHMARKS.md,
+            issue 13).
         coupler_layers: additive coupling layers per coupler.
         coupler_gain: output scale of the couplers' residual nets (see
             :class:`~hbll_compile.nn.coupling.AdditiveCoupling`). The optimizer is shared with the
@@ -116,6 +125,7 @@ class HBLLConfig:
     corrections: int = 2
     correction: Correction = "parareal"
     coupler_cost: float = 0.05
+    coupler_budget: CouplerBudget = "span"
     coupler_layers: int = 2
     coupler_gain: float = 4.0
     output_tail: OutputTail = "auto"

@@ -188,23 +188,44 @@ def test_training_without_loss_is_refused() -> None:
         m.training_step(*ZOO["mlp"].example(), target=torch.zeros(4, dtype=torch.long))
 
 
-def test_hbll_step_flops_within_issue_budget() -> None:
-    """Issue 4: one HBLL step costs at most 2.0x the FLOPs of one eager BP step (forward, loss,
-    backward) on a residual MLP with N=16. This stack of uniform blocks measures 1.78 (BENCHMARKS.md)."""
+def _step_flops_ratio(blocks: int, depth: int, **config: object) -> float:
+    """FLOPs of one HBLL step (pipeline full: every unit works) over one eager BP step, on the zoo's
+    residual MLP with ``depth`` uniform blocks of width 64."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    net = type(ZOO["resmlp"].build())(d_in=20, width=64, depth=16)
+    net = type(ZOO["resmlp"].build())(d_in=20, width=64, depth=depth)
     x, y = torch.randn(32, 20), torch.randint(0, 5, (32,))
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(net(x), y).backward()
     bp = counter.get_total_flops()
-    m = hc.hbll_compile(net, (x[:2],), blocks=16, loss=F.cross_entropy)
-    for _ in range(17):  # fill the wavefront pipeline: every unit works in the measured step
+    m = hc.hbll_compile(net, (x[:2],), blocks=blocks, loss=F.cross_entropy, config=hc.HBLLConfig(**config))
+    for _ in range(blocks + 1):  # fill the wavefront pipeline
         m.training_step(x, target=y)
     with FlopCounterMode(display=False) as counter:
         m.training_step(x, target=y)
-    assert 1.0 < counter.get_total_flops() / bp <= 2.0
+    return counter.get_total_flops() / bp
+
+
+def test_hbll_step_flops_within_issue_budget() -> None:
+    """Issue 4: one HBLL step costs at most 2.0x the FLOPs of one eager BP step (forward, loss,
+    backward) on a residual MLP with N=16 (BENCHMARKS.md)."""
+    assert 1.0 < _step_flops_ratio(16, 16) <= 2.0
+
+
+def test_per_block_coupler_budget_stops_work_growing_with_n() -> None:
+    """``coupler_budget="block"``: every coupler of a uniform stack gets the same budget, whatever its span,
+    so one step's work grows little from N=16 to N=64 (issue 13's goal: 1.5x at N=16, 1.6x at N=64)."""
+    m = compile_case("resmlp", 8, coupler_budget="block")
+    interior = {p.span: p.budget for p in m.coupler_plans if p.span[0] >= 2 and not p.runs_tail}  # no stem, no tail
+    assert len(interior) == 2 and len(set(interior.values())) == 1, interior
+    span = compile_case("resmlp", 8)
+    for plan, base in zip(m.coupler_plans, span.coupler_plans, strict=True):
+        assert abs(base.budget - plan.budget * (plan.span[1] - plan.source)) <= plan.span[1] - plan.source
+    # this narrow net (width 64) puts its minimum-width couplers at 1/8 of a block, so it measures 1.43 /
+    # 1.69 where the benchmark's width-256 ResMLP measures 1.41 / 1.53 (and 1.71 / 2.63 under "span")
+    at_16, at_64 = _step_flops_ratio(16, 64, coupler_budget="block"), _step_flops_ratio(64, 64, coupler_budget="block")
+    assert at_16 <= 1.5 and at_64 - at_16 <= 0.3 and at_16 < _step_flops_ratio(16, 64) - 0.2, (at_16, at_64)
 
 
 def _bn_loader(seed: int = 0) -> torch.utils.data.DataLoader:

@@ -12,7 +12,8 @@ special, and there the coupler runs one of the model's own blocks exactly, as a 
   there cheap.
 
 The learned part's FLOP budget is ``config.coupler_cost`` times the per-sample FLOPs of the graph it
-stands in for (blocks ``source`` + 1 .. ``b``, less the tail when it runs one).
+stands in for (blocks ``source`` + 1 .. ``b``, less the tail when it runs one), or under
+``config.coupler_budget="block"`` times their mean per block (that graph's FLOPs over ``b - source``).
 
 Options: ``config.coupler_mixing`` is handed to the coupling layers (token mixing on sequences).
 Under ``config.coupler_condition="label"`` every coupler gets its own
@@ -102,7 +103,8 @@ def build_couplers(
             runs_tail = b == tree.n_blocks
             written = tail.input if runs_tail else boundaries[b]
             stands_for = sum(per_sample[source:b]) - (tail_flops if runs_tail else 0)
-            budget = max(1, int(config.coupler_cost * stands_for))
+            per = b - source if config.coupler_budget == "block" else 1  # blocks the share is taken over
+            budget = max(1, int(config.coupler_cost * stands_for / per))
             condition = _span_inputs(specs[source:b], context_shapes or {}) if over_time else ()
             raw = sum(math.prod(context_shapes[name]) for name in condition) if context_shapes else 0
             cond_dim = min(raw, math.prod(written.shape))
