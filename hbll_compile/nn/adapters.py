@@ -43,6 +43,7 @@ __all__ = [
     "Unflatten",
     "as_shape",
     "check_batch",
+    "compose",
     "feature_axis",
     "make_adapter",
     "spatial_axes",
@@ -399,12 +400,22 @@ def _finest_pool(shape: Shape, target: int) -> tuple[int, ...]:
     return min(fitting, key=lambda kernel: (math.prod(kernel), max(kernel) - min(kernel), kernel))
 
 
+def compose(in_shape: Sequence[int], adapters: Sequence[ShapeAdapter]) -> ShapeAdapter:
+    """``adapters`` applied in order from ``in_shape``: ``Identity(in_shape)`` for none, a single adapter as
+    is, else a :class:`Compose`.
+
+    Example:
+        >>> compose((3, 4, 4), []).bijective, type(compose((3, 8, 8), [SpaceToDepth((3, 8, 8), 2)])).__name__
+        (True, 'SpaceToDepth')
+    """
+    if not adapters:
+        return Identity(in_shape)
+    return adapters[0] if len(adapters) == 1 else Compose(*adapters)
+
+
 def _chain(*adapters: ShapeAdapter) -> ShapeAdapter:
-    """Compose ``adapters``, dropping identities; a single adapter is returned as is."""
-    kept = [a for a in adapters if a.in_shape != a.out_shape]
-    if not kept:
-        return Identity(adapters[0].in_shape)
-    return kept[0] if len(kept) == 1 else Compose(*kept)
+    """Compose ``adapters``, dropping identities."""
+    return compose(adapters[0].in_shape, [a for a in adapters if a.in_shape != a.out_shape])
 
 
 def _to_vector(in_shape: Shape, dim: int) -> ShapeAdapter:

@@ -19,7 +19,17 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-from .adapters import Compose, Flatten, Identity, Shape, ShapeAdapter, as_shape, check_batch, feature_axis, make_adapter
+from .adapters import (
+    Compose,
+    Flatten,
+    Shape,
+    ShapeAdapter,
+    as_shape,
+    check_batch,
+    compose,
+    feature_axis,
+    make_adapter,
+)
 
 __all__ = ["ATTENTION_DIM", "CAUSAL_KERNEL", "AdditiveCoupling", "Coupler", "LabelEmbedding", "Mixing", "check_cond"]
 
@@ -384,14 +394,8 @@ def _split_adapter(adapter: ShapeAdapter) -> tuple[ShapeAdapter, ShapeAdapter]:
     k = len(parts) if adapter.injective else 0
     while k < len(parts) and parts[k].injective and not isinstance(parts[k], Flatten):
         k += 1
-
-    def chain(chosen: list[ShapeAdapter], shape: Shape) -> ShapeAdapter:
-        if not chosen:
-            return Identity(shape)
-        return chosen[0] if len(chosen) == 1 else Compose(*chosen)
-
-    lead = chain(parts[:k], adapter.in_shape)
-    return lead, chain(parts[k:], lead.out_shape)
+    lead = compose(adapter.in_shape, parts[:k])
+    return lead, compose(lead.out_shape, parts[k:])
 
 
 class LabelEmbedding(nn.Module):
