@@ -14,9 +14,15 @@ last chunk, where the second marker falls half the time, teaches it to every chu
 adding-early`` puts both markers in the first half, so the last chunk never sees one and only credit
 carried across chunks can teach the rule.
 
+``--task charlm`` is the language model: a character-level LSTM (embedding 32, hidden ``--hidden``) reads
+windows of ``--length`` characters of the standard-library corpus (``hbll_compile.data.load_char_lm``) and
+predicts every next character, so every chunk *emits* its steps' outputs; each row gives held-out
+perplexity (64 windows spread over the held-out text) after ``--steps`` steps.
+
 Examples (the commands behind benchmarks/results/issue11_rnn.md):
     python benchmarks/rnn.py --cells gru lstm --blocks 4 --seeds 0 1 2 --epochs 3
     python benchmarks/rnn.py --task adding --blocks 4 --seeds 0 --steps 1500 --batch 128 --out adding.jsonl
+    python benchmarks/rnn.py --task charlm --length 128 --blocks 4 8 --seeds 0 --steps 300 --out charlstm.jsonl
     python benchmarks/rnn.py --summarise benchmarks/results/rnn_rowmnist.jsonl
 """
 
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -35,7 +42,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import hbll_compile as hc
-from hbll_compile.data import load_mnist8k, make_loaders
+from hbll_compile.data import load_char_lm, load_mnist8k, make_loaders
 from hbll_compile.runtime.trainer import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +154,61 @@ def run_adding(objective: str, n: int, seed: int, steps: int, length: int, batch
             "train_seconds": time.perf_counter() - start, "critical_path": m.schedule.critical_path()}
 
 
+class CharLSTM(nn.Module):
+    """A character-level LSTM language model: (batch, time) ids to (batch, time, vocab) logits."""
+
+    def __init__(self, vocab: int, hidden: int = 128, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.rnn = nn.LSTM(dim, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.rnn(self.embed(ids))[0])
+
+
+def sequence_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+
+def run_charlm(objective: str, n: int, seed: int, steps: int, length: int, batch: int, lr: float, hidden: int,
+               config: dict[str, Any]) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    train, val, _ = load_char_lm(block_size=length)
+    stride = len(val) // 64
+    held_out = [val[i] for i in range(0, stride * 64, stride)]
+    val_x, val_y = torch.stack([p[0] for p in held_out]), torch.stack([p[1] for p in held_out])
+    torch.manual_seed(seed)
+    net = CharLSTM(train.vocab_size, hidden)
+    example = (train[0][0].unsqueeze(0).repeat(2, 1),)
+    m = hc.hbll_compile(net, example, blocks=n, loss=sequence_loss, over="time",
+                        config=hc.HBLLConfig(objective=objective, seed=seed, **config))  # type: ignore[arg-type]
+    bp = hc.hbll_compile(net, example, blocks=n, loss=sequence_loss, over="time", config=hc.HBLLConfig(objective="bp"))
+    loader = torch.utils.data.DataLoader(train, batch_size=batch, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    x, y = next(iter(loader))
+    flops, bp_flops = step_flops(m, x, y), step_flops(bp, x, y)
+    optimizer = torch.optim.AdamW(m.parameters(), lr=lr)
+    curve, step, start = [], 0, time.perf_counter()
+    while step < steps:
+        for x, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            m.training_step(x, target=y)
+            optimizer.step()
+            step += 1
+            if step % max(1, steps // 4) == 0:
+                with torch.no_grad():
+                    curve.append(math.exp(sequence_loss(m.eval()(val_x), val_y).item()))
+                m.train()
+            if step >= steps:
+                break
+    return {"task": "charlm", "objective": objective, "blocks": n, "seed": seed, "steps": steps, "length": length,
+            "batch": batch, "lr": lr, "hidden": hidden, "config": config, "perplexity": curve[-1],
+            "perplexity_curve": curve, "train_seconds": time.perf_counter() - start,
+            "flops_vs_bptt": flops / bp_flops, "critical_path": m.schedule.critical_path(),
+            "bptt_critical_path": bp.schedule.critical_path()}
+
+
 def _chunk_steps(m: hc.HBLLModel) -> list[int]:
     return [sum("_cell" in name for name in spec.nodes) for spec in m.specs]
 
@@ -180,10 +242,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="{}", help="JSON of HBLLConfig fields for every run")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--summarise", type=Path, help="print the table of a results file and exit")
-    parser.add_argument("--task", default="rowmnist", choices=["rowmnist", "adding", "adding-early"])
+    parser.add_argument("--task", default="rowmnist", choices=["rowmnist", "adding", "adding-early", "charlm"])
+    parser.add_argument("--hidden", type=int, default=128, help="charlm: LSTM hidden size")
     parser.add_argument("--steps", type=int, default=1500, help="adding: training steps")
-    parser.add_argument("--length", type=int, default=100, help="adding: sequence length T")
+    parser.add_argument("--length", type=int, default=100, help="adding, charlm: sequence length T")
     args = parser.parse_args(argv)
+    if args.task == "charlm":
+        for n in args.blocks:
+            for objective in args.objectives:
+                for seed in args.seeds:
+                    row = run_charlm(objective, n, seed, args.steps, args.length, args.batch, args.lr, args.hidden,
+                                     json.loads(args.config))
+                    with args.out.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(f"charlm T={args.length} N={n} {objective} seed {seed}: perplexity {row['perplexity']:.3f} "
+                          f"curve {[round(v, 3) for v in row['perplexity_curve']]} FLOPs/BPTT "
+                          f"{row['flops_vs_bptt']:.2f} ({row['train_seconds']:.0f} s)", flush=True)
+        return
     if args.task in ("adding", "adding-early"):
         for n in args.blocks:
             for objective in args.objectives:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from hbll_compile.config import HBLLConfig
+from hbll_compile.errors import CompileError
 from hbll_compile.ir import CompileReport, CouplerPlan, Tree
 from hbll_compile.passes.capture import (
     Captured,
@@ -38,7 +39,7 @@ from hbll_compile.passes.heads import build_heads
 from hbll_compile.passes.hierarchy import build_tree
 from hbll_compile.passes.lower import Lowered, lower
 from hbll_compile.passes.partition import choose_cuts
-from hbll_compile.passes.unroll import time_cuts
+from hbll_compile.passes.unroll import emitted_outputs, final_state_cut, time_cuts
 from hbll_compile.runtime.schedule import Schedule, build_bp, build_dgl, build_hbll, build_tbptt
 
 __all__ = ["Parts", "build_schedule", "run_passes"]
@@ -66,15 +67,23 @@ def run_passes(
     compile-time logging is silenced, and ``model``'s buffers are as before afterwards."""
     with quiet_torch_logs(), preserved_buffers(model):
         captured = capture(model, example_inputs, over=config.over)
-        view = build_graph(captured.gm)
+        assembly = emitted_outputs(captured.gm) if config.over == "time" else None
+        view = build_graph(captured.gm, assembly=assembly)
         if config.over == "time":  # blocks are chunks of time steps
             view = replace(view, block_cuts=time_cuts(captured.gm, view))
+        final_cut = final_state_cut(captured.gm, view) if assembly is not None else None
         partition = choose_cuts(view.costs, view.block_cuts, blocks, view.owns_params)
-        lowered = lower(captured, view, partition, model, output_tail=config.output_tail)
+        lowered = lower(captured, view, partition, model, output_tail=config.output_tail, final_cut=final_cut)
     tree = build_tree(partition.block_costs)
+    emits = lowered.emission is not None
+    if emits and config.objective == "dgl":
+        raise CompileError("objective='dgl' trains local heads on the chunks' states, but this model emits an "
+                           "output at every time step, and a chunk that trains only on its own outputs from a "
+                           "detached state is truncated BPTT", node="objective",
+                           remedy="use objective='tbptt' for that baseline, or 'hbll' / 'bp'")
     couplers, plans = build_couplers(tree, lowered.boundaries, lowered.specs, lowered.tail_info, config,
-                                     batched_float_shapes(captured))
-    heads = build_heads(lowered.boundaries, config)
+                                     batched_float_shapes(captured), emits=emits)
+    heads = nn.ModuleDict() if emits else build_heads(lowered.boundaries, config)  # the emitted loss is local
     report = CompileReport(
         capture=captured.method,
         legal_cuts=len(view.legal_cuts),
@@ -84,17 +93,19 @@ def run_passes(
         example_batch=example_batch(captured.example_inputs),
         example_inputs=tuple((tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in captured.example_inputs),
     )
-    schedule = build_schedule(tree, config, frozenset(int(i) for i in heads))
+    schedule = build_schedule(tree, config, frozenset(int(i) for i in heads), emits=emits)
     return Parts(captured, lowered, tree, couplers, plans, heads, schedule, report)
 
 
-def build_schedule(tree: Tree, config: HBLLConfig, heads: frozenset[int] = frozenset()) -> Schedule:
-    """The training-step schedule the config asks for; ``heads``: the boundaries that have a local head."""
+def build_schedule(tree: Tree, config: HBLLConfig, heads: frozenset[int] = frozenset(), *, emits: bool = False
+                   ) -> Schedule:
+    """The training-step schedule the config asks for; ``heads``: the boundaries that have a local head;
+    ``emits``: every chunk emits outputs (see :class:`~hbll_compile.ir.Emission`)."""
     if config.objective == "bp":
         return build_bp(tree.n_blocks)
     if config.objective == "dgl":
         return build_dgl(tree.n_blocks)
     if config.objective == "tbptt":
-        return build_tbptt(tree.n_blocks)
+        return build_tbptt(tree.n_blocks, emits=emits)
     return build_hbll(tree, inputs=config.inputs, corrections=config.corrections, correction=config.correction,
                       heads=heads)

@@ -57,7 +57,9 @@ def hbll_compile(
             ``nn.GRU``, ``nn.LSTM``, or a Python loop over ``nn.RNNCell``/``nn.GRUCell``/``nn.LSTMCell``)
             into ``blocks`` chunks of consecutive time steps, whose boundaries are the recurrent state
             (DESIGN §4, :mod:`~hbll_compile.passes.unroll`). The chunks share the module's own
-            weights; ``objective`` may then also be ``"tbptt"``. Overrides ``config.over`` when given.
+            weights; ``objective`` may then also be ``"tbptt"``. A model may read the last step only or
+            output every step (a language model, whose loss must then split over steps; see
+            :class:`~hbll_compile.ir.Emission`). Overrides ``config.over`` when given.
 
     The returned model checks the shape guards of the capture on every call (see
     :mod:`~hbll_compile.passes.guards`); it is verified against ``model`` on the example batch and on

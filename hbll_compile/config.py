@@ -62,13 +62,13 @@ class HBLLConfig:
         coupler_cost: each coupler's FLOP budget, as a fraction of the FLOPs of the blocks it stands in
             for. Raising it buys better shallow subnetworks for more work per step (default chosen by
             measurement: BENCHMARKS.md, "Departures").
-        coupler_budget: what ``coupler_cost`` is a fraction of. ``"span"`` (default): the FLOPs of all the
-            blocks a coupler stands in for, so block i's path costs ``coupler_cost`` times the FLOPs of
-            blocks i+1..N, and one step's coupler work grows with N² blocks' worth. ``"block"``: their
-            mean per block (the span's FLOPs over the number of blocks in it), so every coupler costs
-            about ``coupler_cost`` of one block, a path at most log2 N of them, and the work grows as
-            N·log2 N: a residual MLP at N=64 steps at 1.53× BP's FLOPs instead of 2.63× (BENCHMARKS.md,
-            issue 13).
+        coupler_budget: what ``coupler_cost`` is a fraction of. ``"block"`` (default): the mean FLOPs per
+            block of the blocks a coupler stands in for (the span's FLOPs over its block count), so every
+            coupler costs about ``coupler_cost`` of one block, a path at most log2 N of them, and a step's
+            work grows as N·log2 N: a residual MLP at N=64 steps at 1.53× BP's FLOPs. ``"span"``: the FLOPs
+            of all of them, so block i's path costs ``coupler_cost`` times blocks i+1..N and the work grows
+            with N² blocks' worth (2.63× at N=64). Accuracy is the same within seed noise on every family
+            of the benchmark table (BENCHMARKS.md, issue 13, and departure 16).
         coupler_layers: additive coupling layers per coupler.
         coupler_gain: output scale of the couplers' residual nets (see
             :class:`~hbll_compile.nn.coupling.AdditiveCoupling`). The optimizer is shared with the
@@ -125,7 +125,7 @@ class HBLLConfig:
     corrections: int = 2
     correction: Correction = "parareal"
     coupler_cost: float = 0.05
-    coupler_budget: CouplerBudget = "span"
+    coupler_budget: CouplerBudget = "block"
     coupler_layers: int = 2
     coupler_gain: float = 4.0
     output_tail: OutputTail = "auto"

@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-__all__ = ["BlockSpec", "Boundary", "CompileReport", "CouplerPlan", "Span", "Tail", "Tree", "TreeNode"]
+__all__ = ["BlockSpec", "Boundary", "CompileReport", "CouplerPlan", "Emission", "Span", "Tail", "Tree", "TreeNode"]
 
 Span = tuple[int, int]
 """A half-open interval ``(a, b]`` of blocks: the node covers blocks a+1 .. b."""
@@ -48,6 +48,31 @@ class BlockSpec:
     """Names of the context values (model inputs or parameter-free functions of them) it reads."""
     sample_flops: float = 0.0
     """``flops`` per sample: ``flops`` is counted on the example batch."""
+
+
+@dataclass(frozen=True)
+class Emission:
+    """Over time, a model whose output stacks an output of every time step (a language model, DESIGN §4):
+    each chunk *emits* the outputs of its own steps, and the model output is their concatenation along
+    ``dim``. Block i then returns ``(h_i, e_i)``, ``e_i`` its steps' outputs stacked along ``dim``, and
+    boundary N is the last chunk's final state; the :class:`Tail` is the *step readout*, the map from one
+    step's state to that step's output."""
+
+    dim: int
+    """The time dimension of the model output (and of the target)."""
+    steps: tuple[int, ...]
+    """How many time steps chunk i emits, ``steps[i - 1]``."""
+    step_shape: tuple[int, ...]
+    """The per-sample shape of one step's output (no batch dim, no time dim)."""
+
+    @property
+    def length(self) -> int:
+        return sum(self.steps)
+
+    def span(self, i: int) -> tuple[int, int]:
+        """The half-open range of time steps chunk i (1-based) emits."""
+        start = sum(self.steps[:i - 1])
+        return start, start + self.steps[i - 1]
 
 
 @dataclass(frozen=True)

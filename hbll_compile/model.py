@@ -27,7 +27,7 @@ from hbll_compile._pipeline import Parts, run_passes
 from hbll_compile._util import device_of, first_line, lookup
 from hbll_compile.config import HBLLConfig
 from hbll_compile.errors import CompileError, TrainingError
-from hbll_compile.ir import BlockSpec, Boundary, CompileReport, CouplerPlan, Tail
+from hbll_compile.ir import BlockSpec, Boundary, CompileReport, CouplerPlan, Emission, Tail
 from hbll_compile.nn.coupling import Coupler
 from hbll_compile.passes.couplers import label_layout
 from hbll_compile.passes.guards import ShapeGuards
@@ -35,11 +35,13 @@ from hbll_compile.passes.lower import bind_state
 from hbll_compile.runtime._batching import blocks_sharing_parameters
 from hbll_compile.runtime.executor import Executor, TaskHook
 from hbll_compile.runtime.fidelity import GradientReport, gradient_report
+from hbll_compile.runtime.objectives import decomposition
 from hbll_compile.runtime.trainer import RECALIBRATE_BN, evaluate, fit, recalibrate_batchnorm, to_device
 
 __all__ = ["HBLLModel"]
 
 _LABEL = "__label__"
+_EMITTED = "__emitted__"  # env key: {chunk i: the outputs its last run emitted}
 """The environment key of the batch's labels, under ``coupler_condition="label"``."""
 
 
@@ -75,6 +77,11 @@ class HBLLModel(nn.Module):
         self.tree = parts.tree
         object.__setattr__(self, "tail", lowered.tail)  # not a submodule: block N already owns its state
         self.tail_info: Tail = lowered.tail_info
+        self.emission: Emission | None = lowered.emission
+        """Over time, for a model that outputs every step (see :class:`~hbll_compile.ir.Emission`)."""
+        self.reduction: Literal["mean", "sum"] | None = None
+        """With an emission, how the task loss decomposes over time steps, found on the first training
+        step (:func:`~hbll_compile.runtime.objectives.decomposition`)."""
         self.specs: list[BlockSpec] = lowered.specs
         self.boundaries: list[Boundary] = lowered.boundaries
         self.input_names = lowered.input_names
@@ -158,13 +165,27 @@ class HBLLModel(nn.Module):
         return env
 
     def run_block(self, i: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
-        """Block i (1-based) on boundary ``h_{i-1}``."""
-        return self.blocks[i - 1](h, *(env[name] for name in self.specs[i - 1].context))
+        """Block i (1-based) on boundary ``h_{i-1}``; with an emission, the outputs of its steps are left
+        in ``env`` for :meth:`emitted`."""
+        return self._emit(i, self.blocks[i - 1](h, *(env[name] for name in self.specs[i - 1].context)), env)
 
     def run_block_frozen(self, i: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         """Block i as a fixed function: no gradient reaches its parameters and, in train mode, its
         running statistics (BatchNorm) are not updated. Used inside paths and estimates."""
-        return self._run_frozen(self.blocks[i - 1], self._needs_isolation[i - 1], self.specs[i - 1], h, env)
+        out = self._run_frozen(self.blocks[i - 1], self._needs_isolation[i - 1], self.specs[i - 1], h, env)
+        return self._emit(i, out, env)
+
+    def _emit(self, i: int, out: Any, env: dict[str, Any]) -> torch.Tensor:
+        if self.emission is None:
+            return cast(torch.Tensor, out)
+        h, emitted = out
+        env.setdefault(_EMITTED, {})[i] = emitted
+        return cast(torch.Tensor, h)
+
+    def emitted(self, i: int, env: dict[str, Any]) -> torch.Tensor:
+        """The outputs chunk i emitted in its latest run on ``env``'s batch (models with an emission);
+        taken, so that ``env`` keeps no autograd graph alive."""
+        return cast(torch.Tensor, env[_EMITTED].pop(i))
 
     def run_tail(self, t: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         """The model's output tail (see :class:`~hbll_compile.ir.Tail`) as a fixed function."""
@@ -254,7 +275,9 @@ class HBLLModel(nn.Module):
         """The exact chain of blocks, or with ``depth=d`` the depth-d subnetwork (couplers and blocks).
         Over time (``over="time"``) a coupler in the depth-d subnetwork skips a span of time steps: it
         maps the state at the span's start to an estimate of the state at its end, reading only a linear
-        summary of the span's inputs, so ``depth=0`` runs chunk 1 and one coupler.
+        summary of the span's inputs, so ``depth=0`` runs chunk 1 and one coupler. A model that outputs
+        every time step returns the concatenation of its chunks' emitted outputs, and refuses ``depth``
+        below the tree's (a skipped span has no outputs).
 
         Raises:
             CompileError: the wrong number of inputs, a non-tensor input, a depth that is not an
@@ -266,6 +289,11 @@ class HBLLModel(nn.Module):
                                   or not 0 <= depth <= self.tree.depth):
             raise CompileError(f"depth must be None or an integer in 0..{self.tree.depth}, got {depth!r}",
                                node="depth", remedy=f"pass depth=None (the exact chain) or 0..{self.tree.depth}")
+        if depth is not None and depth < self.tree.depth and self.emission is not None:
+            raise CompileError("this model outputs every time step, and a coupler that skips a span of steps "
+                               "computes none of their outputs", node="depth",
+                               remedy="call the model without depth (the exact chain); depth=d applies to models "
+                               "that read only the last step")
         try:
             return self._forward(inputs, depth)
         except CompileError:
@@ -282,6 +310,8 @@ class HBLLModel(nn.Module):
         if depth is None or depth >= self.tree.depth:
             for i in range(1, len(self.blocks) + 1):
                 h = self.run_block(i, h, env)
+            if self.emission is not None:
+                return torch.cat([self.emitted(i, env) for i in range(1, len(self.blocks) + 1)], self.emission.dim)
             return h
         for node in self.tree.nodes_at_depth(depth):
             h = self.run_block(node.span[1], h, env) if node.is_leaf else self.run_coupler(node.id, h, env)
@@ -302,6 +332,8 @@ class HBLLModel(nn.Module):
         if target.dim() and inputs[0].dim() and target.shape[0] != inputs[0].shape[0]:
             raise TrainingError(f"target has {target.shape[0]} rows but the batch has {inputs[0].shape[0]}",
                                 node="target", remedy="pass the targets of this batch")
+        if self.emission is not None and self.reduction is None:
+            self.reduction = decomposition(self.task_loss, self.emission, inputs[0].shape[0], target)
         try:
             return self._executor.step(inputs, target)
         except CompileError:

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, settings
 from torch import nn
 
 import hbll_compile as hc
+from hbll_compile.runtime.schedule import Task, TaskKind, Unit
 
 
 class MLP(nn.Module):
@@ -282,6 +283,70 @@ class CellLoop(nn.Module):
             else:
                 h = self.cell(x[:, t], h)
         return self.fc(h)
+
+
+def units_trained(m: hc.HBLLModel, owners: dict[Unit, set[int]], inputs: tuple[torch.Tensor, ...],
+                  target: torch.Tensor, steps: int) -> list[Unit]:
+    """Run ``steps`` training steps of ``m`` on one batch, asserting that each update task changes the
+    ``.grad`` of no parameter outside its unit's ``owners`` entry (parameter ids); returns the units whose
+    update changed a gradient, in order. The hook is removed before returning, so the list stops growing."""
+    trained: list[Unit] = []
+    before: dict[int, torch.Tensor | None] = {}
+
+    def grads() -> dict[int, torch.Tensor | None]:
+        return {id(p): None if p.grad is None else p.grad.clone() for p in m.parameters()}
+
+    def observe(task: Task, done: bool) -> None:
+        if task.kind not in (TaskKind.BLOCK_UPDATE, TaskKind.COUPLER_UPDATE):
+            return
+        if not done:
+            before.clear()
+            before.update(grads())
+            return
+        changed = {k for k, g in grads().items()
+                   if g is not None and (before[k] is None or not torch.equal(before[k], g))}
+        assert changed <= owners[task.unit], f"{task.kind} {task.unit} leaked gradient into other units"
+        if changed:
+            trained.append(task.unit)
+
+    handle = m.register_task_hook(observe)
+    try:
+        for _ in range(steps):
+            m.zero_grad()
+            m.training_step(*inputs, target=target)
+    finally:
+        handle.remove()
+    return trained
+
+
+class RecurrentLM(nn.Module):
+    """A token-level language model: embedding, ``nn.GRU``/``nn.LSTM`` (time-major inside when
+    ``batch_first=False``) and a readout of every step, returning (batch, time, vocab) logits; with
+    ``cell`` set, a hand-written loop over that cell class that stacks each step's readout instead."""
+
+    def __init__(self, kind: str = "LSTM", layers: int = 1, batch_first: bool = True, vocab: int = 11,
+                 dim: int = 5, hidden: int = 8, cell: str | None = None) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Embedding(vocab, dim)
+        self.rnn = getattr(nn, cell)(dim, hidden) if cell else getattr(nn, kind)(dim, hidden, layers,
+                                                                                 batch_first=batch_first)
+        self.fc = nn.Linear(hidden, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        e = self.embed(ids)
+        if isinstance(self.rnn, nn.RNNCellBase):
+            h = c = e.new_zeros(e.shape[0], self.rnn.hidden_size)
+            outs = []
+            for t in range(e.shape[1]):
+                if isinstance(self.rnn, nn.LSTMCell):
+                    h, c = self.rnn(e[:, t], (h, c))
+                else:
+                    h = self.rnn(e[:, t], h)
+                outs.append(self.fc(h))
+            return torch.stack(outs, dim=1)
+        out = self.rnn(e if self.batch_first else e.transpose(0, 1))[0]
+        return self.fc(out if self.batch_first else out.transpose(0, 1))
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ZOO, compile_case, targets
+from helpers import ZOO, RecurrentLM, compile_case, seq_loss, targets
 
 import hbll_compile as hc
 from hbll_compile.cli import main
@@ -88,6 +88,20 @@ def test_zoo_export_matches_torch(name: str, depth: int | None, tmp_path: Path) 
     graph = onnx.load(report.path).graph
     assert all(i.type.tensor_type.shape.dim[0].dim_param for i in graph.input)
     assert graph.output[0].type.tensor_type.shape.dim[0].dim_param
+
+
+def test_language_model_over_time_exports(tmp_path: Path) -> None:
+    """A model that emits every step's output, compiled over time, exports as the concatenation of its
+    chunks' outputs."""
+    torch.manual_seed(0)
+    net = RecurrentLM("LSTM", 2)
+    m = hc.hbll_compile(net, (torch.randint(0, 11, (4, 6)),), blocks=3, loss=seq_loss, over="time")
+    report = hc.export_onnx(m, tmp_path / "lm.onnx")
+    assert report.max_abs_diff is not None and report.max_abs_diff <= TOL
+    ids = torch.randint(0, 11, (5, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = net(ids).numpy()
+    assert np.abs(_run_onnx(report.path, report.input_names, (ids,)) - expected).max() <= TOL
 
 
 def test_depth_zero_and_deepest(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CellLoop, RecurrentClassifier
+from helpers import CellLoop, RecurrentClassifier, RecurrentLM, seq_loss, units_trained
 from torch import nn
 
 import hbll_compile as hc
@@ -143,30 +143,8 @@ def test_no_gradient_crosses_units_over_time(inputs: str) -> None:
     for key, head in m.heads.items():  # a block's update trains its fused local head too
         owners[Unit.block(int(key))] |= set(map(id, head.parameters()))
     owners |= {Unit.coupler(int(k)): set(map(id, c.parameters())) for k, c in m.couplers.items()}
-    before: dict[int, torch.Tensor | None] = {}
-    trained: set[Unit] = set()
-
-    def observe(task: Task, done: bool) -> None:
-        if task.kind not in (TaskKind.BLOCK_UPDATE, TaskKind.COUPLER_UPDATE):
-            return
-        grads = {id(p): None if p.grad is None else p.grad.clone() for p in m.parameters()}
-        if not done:
-            before.clear()
-            before.update(grads)
-            return
-        changed = {k for k, g in grads.items()
-                   if g is not None and (before[k] is None or not torch.equal(before[k], g))}
-        assert changed <= owners[task.unit], f"{task.kind} {task.unit} leaked gradient into another unit"
-        if changed:
-            trained.add(task.unit)
-
-    handle = m.register_task_hook(observe)
-    x, y = _inputs(8, seed=7), _y(8)
-    for _ in range(5):
-        m.zero_grad()
-        m.training_step(*x, target=y)
-    handle.remove()
-    assert trained == set(owners)
+    trained = units_trained(m, owners, _inputs(8, seed=7), _y(8), steps=5)
+    assert set(trained) == set(owners)
 
 
 @pytest.mark.parametrize("n", [4, 8])
@@ -309,3 +287,166 @@ def test_cli_inspects_over_time(tmp_path: Path, capsys: pytest.CaptureFixture[st
     code = cli(["inspect", f"{factory}:build", "--input-shape", f"4,{T},{D}", "--blocks", "3", "--over", "time"])
     out = capsys.readouterr().out
     assert code == 0 and "gru_cell" in out and "critical path 6" in out
+
+
+# -- emitted per-step outputs (language models) -------------------------------------------------------
+VOCAB = 11
+
+
+def _lm_compile(net: nn.Module, blocks: int = 3, loss: object = seq_loss, **config: object) -> hc.HBLLModel:
+    ids = torch.randint(0, VOCAB, (4, T), generator=torch.Generator().manual_seed(0))
+    return hc.hbll_compile(net, (ids,), blocks=blocks, loss=loss, over="time",  # type: ignore[arg-type]
+                           config=hc.HBLLConfig(**config))  # type: ignore[arg-type]
+
+
+def _tokens(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, T), generator=g), torch.randint(0, VOCAB, (batch, T), generator=g)
+
+
+@pytest.mark.parametrize(("kind", "layers", "batch_first"), [("LSTM", 1, True), ("LSTM", 2, False), ("GRU", 2, True),
+                                                             ("RNN", 1, False)])
+def test_language_model_equals_the_model(kind: str, layers: int, batch_first: bool) -> None:
+    """A readout of every step compiles over time: each chunk emits its steps' outputs, and their
+    concatenation is the model's output."""
+    torch.manual_seed(0)
+    net = RecurrentLM(kind, layers, batch_first)
+    m = _lm_compile(net, blocks=3)
+    assert m.emission is not None and m.emission.dim == 1 and m.emission.length == T
+    assert m.emission.steps == (2, 2, 2) and m.emission.step_shape == (VOCAB,)
+    assert m.boundaries[-1].shape == ((2 if kind == "LSTM" else 1) * layers * 8,)  # the final packed state
+    x, _ = _tokens(7, seed=1)
+    torch.testing.assert_close(m(x), net(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cell", ["GRUCell", "LSTMCell"])
+def test_hand_written_language_model_loop_equals_the_model(cell: str) -> None:
+    torch.manual_seed(0)
+    net = RecurrentLM(cell=cell)
+    m = _lm_compile(net, blocks=2)
+    assert m.emission is not None and m.emission.steps == (3, 3)
+    x, _ = _tokens(5, seed=2)
+    torch.testing.assert_close(m(x), net(x), atol=1e-5, rtol=0)
+
+
+def test_bp_with_emitted_outputs_equals_full_bptt() -> None:
+    torch.manual_seed(0)
+    net = RecurrentLM("LSTM", 2)
+    m = _lm_compile(net, objective="bp")
+    x, y = _tokens(6, seed=3)
+    expected = torch.autograd.grad(seq_loss(net(x), y), list(net.parameters()))
+    m.zero_grad()
+    loss = m.training_step(x, target=y)
+    torch.testing.assert_close(loss, seq_loss(net(x), y).detach())
+    for p, g in zip(net.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+def _eager_truncated_lm_grads(net: RecurrentLM, x: torch.Tensor, y: torch.Tensor, chunks: list[tuple[int, int]],
+                              reduction: str) -> list[torch.Tensor]:
+    """Truncated BPTT by hand with the module itself: each chunk's steps from its detached initial state,
+    each chunk's loss its share of the whole sequence's loss."""
+    total = torch.zeros(())
+    loss = F.cross_entropy if reduction == "mean" else lambda o, t: F.cross_entropy(o, t, reduction="sum")
+    for a, b in chunks:
+        with torch.no_grad():
+            state = net.rnn(net.embed(x[:, :a]))[1] if a else None
+        out = net.rnn(net.embed(x[:, a:b]), state)[0]
+        piece = loss(net.fc(out).flatten(0, 1), y[:, a:b].flatten())
+        total = total + (piece * (b - a) / T if reduction == "mean" else piece)
+    return list(torch.autograd.grad(total, list(net.parameters())))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_tbptt_with_emitted_outputs_equals_truncated_backprop_by_hand(reduction: str) -> None:
+    """Every chunk trains on its own steps' share of the loss, from its detached initial state; with a
+    summed loss the shares are the chunks' sums. The reported loss is the whole sequence's."""
+    torch.manual_seed(0)
+    net = RecurrentLM("LSTM")
+    loss = seq_loss if reduction == "mean" else (
+        lambda o, t: F.cross_entropy(o.flatten(0, 1), t.flatten(), reduction="sum"))
+    m = _lm_compile(net, loss=loss, objective="tbptt")
+    x, y = _tokens(6, seed=4)
+    m.zero_grad()
+    reported = m.training_step(x, target=y)
+    assert m.reduction == reduction and m.emission is not None
+    torch.testing.assert_close(reported, loss(net(x), y).detach())
+    chunks = [m.emission.span(i) for i in range(1, 4)]
+    for p, g in zip(net.parameters(), _eager_truncated_lm_grads(net, x, y, chunks, reduction)):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+    assert [t.unit for t in m.schedule.tasks() if t.kind is TaskKind.BLOCK_UPDATE] == [Unit.block(i) for i in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("inputs", ["wavefront", "tree"])
+def test_no_gradient_crosses_units_with_emitted_outputs(inputs: str) -> None:
+    """A chunk update reaches only the shared weights (its own steps' share and its path's), a coupler
+    update only that coupler; every unit trains, there are no local heads, and the wavefront's critical
+    path is below BPTT's."""
+    torch.manual_seed(0)
+    net = RecurrentLM("GRU", 2)
+    m = _lm_compile(net, blocks=4, inputs=inputs)
+    assert not m.heads and not any(p.runs_tail for p in m.coupler_plans)
+    owners = {Unit.block(i): set(map(id, net.parameters())) for i in range(1, 5)}
+    owners |= {Unit.coupler(int(k)): set(map(id, c.parameters())) for k, c in m.couplers.items()}
+    x, y = _tokens(8, seed=5)
+    trained = units_trained(m, owners, (x,), y, steps=5)
+    assert math.isfinite(m.training_step(x, target=y).item())
+    assert set(trained) == set(owners)
+    if inputs == "wavefront":
+        assert m.schedule.critical_path() < _lm_compile(net, blocks=4, objective="bp").schedule.critical_path()
+
+
+def test_last_chunk_of_hbll_trains_on_its_own_steps_alone() -> None:
+    """Oracle: block N's path is empty, so its update is exactly its steps' share of the loss from its
+    detached initial state (truncated BPTT's last chunk)."""
+    torch.manual_seed(0)
+    net = RecurrentLM("LSTM")
+    m = _lm_compile(net, blocks=2, inputs="tree")
+    x, y = _tokens(6, seed=6)
+    grads: dict[int, list[torch.Tensor]] = {}
+
+    def observe(task: Task, done: bool) -> None:
+        if task.kind is TaskKind.BLOCK_UPDATE and task.unit == Unit.block(2):
+            if not done:
+                m.zero_grad()
+            else:
+                grads[2] = [p.grad.clone() for p in net.parameters()]  # type: ignore[union-attr]
+
+    m.register_task_hook(observe)
+    m.training_step(x, target=y)
+    assert m.emission is not None
+    a, b = m.emission.span(2)
+    with torch.no_grad():
+        state = net.rnn(net.embed(x[:, :a]))[1]
+    piece = seq_loss(net.fc(net.rnn(net.embed(x[:, a:]), state)[0]), y[:, a:]) * (b - a) / T
+    for g, expected in zip(grads[2], torch.autograd.grad(piece, list(net.parameters()))):
+        torch.testing.assert_close(g, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("loss", "target", "words"), [
+    (lambda o, t: F.cross_entropy(o[:, -1], t[:, -1]), None, "does not decompose over time steps"),
+    (lambda o, t: F.cross_entropy(o.flatten(0, 1), t.flatten()) ** 2, None, "does not decompose over time steps"),
+    (seq_loss, torch.zeros(6, dtype=torch.long), "one target per step"),
+])
+def test_loss_that_does_not_split_over_steps_is_refused(loss: object, target: torch.Tensor | None, words: str) -> None:
+    torch.manual_seed(0)
+    m = _lm_compile(RecurrentLM("GRU"), loss=loss)
+    x, y = _tokens(6, seed=7)
+    with pytest.raises(hc.TrainingError, match=words) as info:
+        m.training_step(x, target=y if target is None else target)
+    assert info.value.remedy and all(p.grad is None for p in m.parameters())
+
+
+def test_emitting_models_refuse_what_needs_a_last_step_output() -> None:
+    torch.manual_seed(0)
+    net = RecurrentLM("GRU")
+    m = _lm_compile(net, blocks=2)
+    x, _ = _tokens(3, seed=8)
+    with pytest.raises(hc.CompileError, match="skips a span of steps"):
+        m(x, depth=0)
+    with pytest.raises(hc.CompileError, match="truncated BPTT"):
+        _lm_compile(net, objective="dgl")
+    with pytest.raises(hc.DistributedError, match="every time step"):
+        hc.distribute(m)
+    with pytest.raises(hc.ExportError, match="every time step"):
+        hc.export_training_artifacts(m, "unused")

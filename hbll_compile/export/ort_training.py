@@ -118,9 +118,13 @@ def export_training_artifacts(
 
     Raises:
         ExportError: onnxruntime-training is not installed (``pip install 'hbll-compile[ort-training]'``),
-            the model has no task loss, its couplers are label-conditioned, or a unit's graph cannot be
-            exported or differentiated.
+            the model has no task loss, its couplers are label-conditioned, it emits an output at every
+            time step, or a unit's graph cannot be exported or differentiated.
     """
+    if m.emission is not None:
+        raise ExportError("the model emits an output at every time step, and a unit's exported objective covers "
+                          "only a last-step output", node="output",
+                          remedy="train it in PyTorch (m.fit), or export the inference graph with export_onnx")
     if m.config.coupler_condition != "none":
         raise ExportError("the exported units would not receive the labels their couplers are conditioned on "
                           f"(coupler_condition={m.config.coupler_condition!r})", node="coupler_condition",

@@ -39,7 +39,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from hbll_compile._util import assign, first_line
 from hbll_compile.errors import CaptureError
 from hbll_compile.passes.guards import ShapeGuards
-from hbll_compile.passes.unroll import fold_stack_selects, push_selects, recurrent_flops, sink_views, unrolled
+from hbll_compile.passes.unroll import (
+    emitted_outputs,
+    fold_stack_selects,
+    hoist_readouts,
+    push_selects,
+    push_stacks,
+    recurrent_flops,
+    sink_views,
+    unrolled,
+)
 
 __all__ = ["MODE_DEPENDENT_MODULES", "Captured", "NodeInfo", "annotate", "batched_float_shapes", "capture",
            "preserved_buffers", "quiet_torch_logs"]
@@ -147,6 +156,10 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, o
             fold_stack_selects(gm)
             sink_views(gm)
             push_selects(gm)
+            push_stacks(gm)
+            stack = emitted_outputs(gm)
+            if stack is not None:
+                hoist_readouts(gm, stack)
         annotate(gm, inputs)
     finally:
         model.train(was_training)

@@ -11,9 +11,9 @@ special, and there the coupler runs one of the model's own blocks exactly, as a 
   accurate (BENCHMARKS.md). Running only the tail, not all of block N, keeps the N paths that end
   there cheap.
 
-The learned part's FLOP budget is ``config.coupler_cost`` times the per-sample FLOPs of the graph it
-stands in for (blocks ``source`` + 1 .. ``b``, less the tail when it runs one), or under
-``config.coupler_budget="block"`` times their mean per block (that graph's FLOPs over ``b - source``).
+The learned part's FLOP budget is ``config.coupler_cost`` times the per-sample FLOPs of one block of the
+graph it stands in for (blocks ``source`` + 1 .. ``b``, less the tail when it runs one, over ``b -
+source``), or under ``config.coupler_budget="span"`` times that graph's whole FLOPs.
 
 Options: ``config.coupler_mixing`` is handed to the coupling layers (token mixing on sequences).
 Under ``config.coupler_condition="label"`` every coupler gets its own
@@ -77,11 +77,12 @@ def label_layout(output: Boundary) -> tuple[int, tuple[int, ...]]:
 
 def build_couplers(
     tree: Tree, boundaries: list[Boundary], specs: list[BlockSpec], tail: Tail, config: HBLLConfig,
-    context_shapes: dict[str, tuple[int, ...]] | None = None,
+    context_shapes: dict[str, tuple[int, ...]] | None = None, *, emits: bool = False,
 ) -> tuple[nn.ModuleDict, list[CouplerPlan]]:
     """Couplers keyed by ``str(node.id)``, seeded by ``config.seed`` (the global RNG is left untouched).
     ``context_shapes`` gives the per-sample shape of every float context value with a batch dimension
-    (the possible conditions over time).
+    (the possible conditions over time). With ``emits`` (an :class:`~hbll_compile.ir.Emission`) the
+    couplers ending at boundary N estimate the final state and run no tail.
 
     Raises:
         LoweringError: a coupler cannot be built between two boundary shapes.
@@ -100,10 +101,10 @@ def build_couplers(
         for node in tree.internal_nodes:
             a, b = node.span
             source = 1 if a == 0 and (over_time or not _is_float(boundaries[0])) else a
-            runs_tail = b == tree.n_blocks
+            runs_tail = b == tree.n_blocks and not emits  # an emitting model's tail is a step readout
             written = tail.input if runs_tail else boundaries[b]
             stands_for = sum(per_sample[source:b]) - (tail_flops if runs_tail else 0)
-            per = b - source if config.coupler_budget == "block" else 1  # blocks the share is taken over
+            per = b - source if config.coupler_budget == "block" else 1  # so a path costs O(log N) blocks' shares
             budget = max(1, int(config.coupler_cost * stands_for / per))
             condition = _span_inputs(specs[source:b], context_shapes or {}) if over_time else ()
             raw = sum(math.prod(context_shapes[name]) for name in condition) if context_shapes else 0

@@ -71,8 +71,13 @@ class GraphView:
     block_cuts: list[int]
 
 
-def build_graph(gm: fx.GraphModule) -> GraphView:
-    """Classify the nodes of an annotated graph (see :mod:`.capture`) and find its legal cuts."""
+def build_graph(gm: fx.GraphModule, *, assembly: fx.Node | None = None) -> GraphView:
+    """Classify the nodes of an annotated graph (see :mod:`.capture`) and find its legal cuts.
+
+    ``assembly``: the model output when it is a stack of *emitted* per-step outputs over time (see
+    :func:`~hbll_compile.passes.unroll.emitted_outputs`). It is assembled outside the blocks, so it is
+    not in the compute sequence, and its parts, which nothing else reads, are live across no cut.
+    """
     dag = nx.DiGraph()
     nodes = list(gm.graph.nodes)
     for n in nodes:
@@ -96,7 +101,7 @@ def build_graph(gm: fx.GraphModule) -> GraphView:
         )
 
     computing = [n for n in nodes if n.op not in ("placeholder", "output", "get_attr")]
-    sequence = [n.name for n in computing if n.name in stateful]
+    sequence = [n.name for n in computing if n.name in stateful and n is not assembly]
     context = [n.name for n in computing if n.name not in stateful]
     feeds_batchnorm = {n.name for n in nodes if _only_feeds_batchnorm(gm, n)}
     legal, crossing = _legal_cuts(dag, sequence, stateful, returned.name, feeds_batchnorm)

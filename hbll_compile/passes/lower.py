@@ -7,7 +7,9 @@ Calling convention (read by the runtime, never re-derived):
 - ``context(*inputs)`` returns the tuple of context values named ``Lowered.context_names``;
 - the *environment* of one forward is ``{input name: input} | {context name: value}``;
 - block i is called as ``blocks[i-1](h_{i-1}, *[env[name] for name in specs[i-1].context])``, where
-  ``h_0`` is the first model input; it returns ``h_i`` (``h_N`` is the model output).
+  ``h_0`` is the first model input; it returns ``h_i`` (``h_N`` is the model output), or, for a model
+  with an :class:`~hbll_compile.ir.Emission`, the pair ``(h_i, e_i)`` of its final state and its steps'
+  outputs (the model output is then the concatenation of every ``e_i``).
 
 Blocks own no state. Each ``get_attr`` target is bound by :func:`bind_state` to the user's own tensor
 (or to a captured constant), and each ``call_module`` target is the user's own module object, so
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.fx as fx
@@ -36,7 +39,7 @@ from torch import nn
 
 from hbll_compile._util import assign, lookup
 from hbll_compile.errors import LoweringError
-from hbll_compile.ir import BlockSpec, Boundary, Tail
+from hbll_compile.ir import BlockSpec, Boundary, Emission, Tail
 from hbll_compile.passes.capture import Captured, example_batch
 from hbll_compile.passes.graph import GraphView
 from hbll_compile.passes.partition import Partition
@@ -57,25 +60,33 @@ class Lowered:
     tail: fx.GraphModule
     """The end of block N from :func:`tail_cut` on (``blocks[-1]`` itself when that is None)."""
     tail_info: Tail
+    emission: Emission | None = None
 
 
 def lower(
-    captured: Captured, view: GraphView, partition: Partition, model: nn.Module, *, output_tail: str = "auto"
+    captured: Captured, view: GraphView, partition: Partition, model: nn.Module, *, output_tail: str = "auto",
+    final_cut: int | None = None,
 ) -> Lowered:
     """Build the context and block GraphModules for ``partition`` (see the module docstring); the
-    tail follows :func:`tail_cut`."""
+    tail follows :func:`tail_cut`. ``final_cut``: for a model that emits per-step outputs (``view.output``
+    stacks them), the cut after the last step's state
+    (:func:`~hbll_compile.passes.unroll.final_state_cut`), where the step readout starts."""
     gm = captured.gm
     nodes = {n.name: n for n in gm.graph.nodes}
     input_names = tuple(view.inputs)
     bounds = [0, *partition.cuts, len(view.sequence)]
-    boundary_nodes = [input_names[0], *(view.crossing[c] for c in partition.cuts), view.output]
+    last = view.output if final_cut is None else view.crossing[final_cut]
+    boundary_nodes = [input_names[0], *(view.crossing[c] for c in partition.cuts), last]
+    parts, dim = _emitted(nodes[view.output]) if final_cut is not None else ((), 0)
 
-    block_graphs, reads = [], []
+    block_graphs, reads, steps = [], [], []
     for i in range(len(bounds) - 1):
         members = view.sequence[bounds[i]:bounds[i + 1]]
-        graph, context_reads = _block_graph(nodes, members, boundary_nodes[i], boundary_nodes[i + 1])
+        emits = [p for p in parts if p in set(members)]
+        graph, context_reads = _block_graph(nodes, members, boundary_nodes[i], boundary_nodes[i + 1], emits, dim)
         block_graphs.append(graph)
         reads.append(context_reads)
+        steps.append(len(emits))
     needed = {name for r in reads for name in r}
     context_names = tuple(n for n in view.context if n in needed)
     context_graph = _context_graph(nodes, view.inputs, view.context, context_names)
@@ -91,6 +102,13 @@ def lower(
     boundaries = [_boundary(i, name, nodes) for i, name in enumerate(boundary_nodes)]
 
     n = len(blocks)
+    if final_cut is not None:  # the tail is the step readout: the last step's state to its output
+        members = view.sequence[final_cut:]
+        graph, tail_reads = _block_graph(nodes, members, last, parts[-1])
+        tail = _graph_module(gm, graph, resolve, "Readout")
+        return Lowered(context, context_names, input_names, blocks, specs, boundaries, constants, tail,
+                       Tail(boundaries[n], _spec(n, members, tail, tail_reads, nodes, batch)),
+                       Emission(dim, tuple(steps), tuple(nodes[parts[-1]].meta["hbll"].shape or ())[1:]))
     start = tail_cut(view, bounds[-2], output_tail)
     cut = _boundary(n, view.crossing[start], nodes) if start is not None else None
     if cut is not None and not (output_tail == "auto" and len(cut.shape) == 2):
@@ -140,8 +158,15 @@ def _boundary(index: int, name: str, nodes: dict[str, fx.Node]) -> Boundary:
     return Boundary(index=index, node=name, shape=tuple(info.shape or ())[1:], dtype=info.dtype or "")
 
 
+def _emitted(stack: fx.Node) -> tuple[tuple[str, ...], int]:
+    """The names of the per-step outputs ``stack`` assembles, and its dim."""
+    parts = cast(list[fx.Node], stack.args[0])
+    return tuple(p.name for p in parts), cast(int, stack.args[1] if len(stack.args) > 1 else 0)
+
+
 def _block_graph(
-    nodes: dict[str, fx.Node], members: list[str], h_in: str, h_out: str
+    nodes: dict[str, fx.Node], members: list[str], h_in: str, h_out: str, emits: list[str] | None = None,
+    dim: int = 0,
 ) -> tuple[fx.Graph, list[str]]:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {nodes[h_in]: graph.placeholder("h")}
@@ -164,7 +189,12 @@ def _block_graph(
     for name in members:
         node = nodes[name]
         env[node] = graph.node_copy(node, value)
-    graph.output(env[nodes[h_out]] if nodes[h_out] in env else value(nodes[h_out]))
+    out = env[nodes[h_out]] if nodes[h_out] in env else value(nodes[h_out])
+    if emits:
+        emitted = graph.call_function(torch.ops.aten.stack.default, ([env[nodes[e]] for e in emits], dim))
+        graph.output((out, emitted))
+    else:
+        graph.output(out)
     return graph, context_reads
 
 

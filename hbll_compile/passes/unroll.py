@@ -22,7 +22,13 @@ tensor crossing it, DESIGN §1):
   across a time cut;
 - **last-step readouts**: ``out[:, -1]`` (``out[-1]`` time-major) and ``h_n[-1]`` of the stacked
   outputs read the last step's value directly (:func:`fold_stack_selects`), so the outputs of earlier
-  steps are not live across later cuts.
+  steps are not live across later cuts;
+- **emitted outputs**: a model that returns every step's output (a language model's
+  ``fc(lstm(x)[0])``) has its per-step layers applied before the stack (:func:`push_stacks`) and each
+  step's readout moved into its step (:func:`hoist_readouts`); the final stack is assembled outside the
+  chunks (:func:`emitted_outputs`), so the steps' outputs are not live across later cuts either. Each
+  step's output reads the top layer's ``h`` as a slice of the packed state, so the last step's readout is
+  a function of the final state alone (:func:`final_state_cut`).
 
 :func:`time_cuts` picks, among the legal cuts, one per gap between consecutive time steps. Bidirectional
 modules, ``proj_size > 0`` and inter-layer dropout cannot be cut over time and are refused.
@@ -58,7 +64,19 @@ from torch import nn
 from hbll_compile.errors import CaptureError, CutError
 from hbll_compile.passes.graph import GraphView
 
-__all__ = ["CELL_OPS", "fold_stack_selects", "push_selects", "recurrent_flops", "sink_views", "time_cuts", "unrolled"]
+__all__ = [
+    "CELL_OPS",
+    "emitted_outputs",
+    "final_state_cut",
+    "fold_stack_selects",
+    "hoist_readouts",
+    "push_selects",
+    "push_stacks",
+    "recurrent_flops",
+    "sink_views",
+    "time_cuts",
+    "unrolled",
+]
 
 _aten = torch.ops.aten
 CELL_OPS = frozenset({_aten.gru_cell.default, _aten.lstm_cell.default, _aten.rnn_tanh_cell.default,
@@ -157,7 +175,7 @@ def _sequence_forward(self: nn.RNNBase, x: Any, hx: Any = None) -> tuple[torch.T
             hs.append(h)
             inp = h
         state = _pack(hs, cs)
-        outputs.append(inp)
+        outputs.append(_slice(state, 0, width))  # the top layer's h, read from the state (see hoist_readouts)
     out = torch.stack(outputs, dim=1 if self.batch_first else 0)
     h_n = torch.stack([_slice(state, layers - 1 - layer, width) for layer in range(layers)])
     if not lstm:
@@ -273,15 +291,147 @@ def _pushed(graph: fx.Graph, select: fx.Node) -> fx.Node | None:
     return None
 
 
+def push_stacks(gm: fx.GraphModule) -> None:
+    """Apply a layer that acts on every step alike to each step's output before they are stacked, instead
+    of to the stack: ``f(stack(xs, d))`` becomes ``stack([f(x) for x in xs], d)`` for a linear layer or
+    layer norm on the features, or an elementwise activation, where the stack has no other reader; a
+    transpose of the time dim with a neighbour stacks along that dim instead (time-major outputs). A
+    language model's readout then runs inside each step, and every step's output is *emitted* (see
+    :func:`emitted_outputs`). Values are unchanged."""
+    changed = True
+    while changed:
+        changed = False
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target is _aten.stack.default and len(node.users) == 1 \
+                    and "val" in node.meta:
+                (user,) = node.users
+                parts = cast(list[fx.Node], node.args[0])
+                dim = cast(int, node.args[1] if len(node.args) > 1 else 0) % len(node.meta["val"].shape)
+                moved = _moved_time_dim(user, node, dim)
+                if moved is not None or _acts_per_step(user, node):
+                    with gm.graph.inserting_before(user):
+                        mapped = parts if moved is not None else [
+                            gm.graph.call_function(cast(Any, user.target), (part, *user.args[1:]), dict(user.kwargs))
+                            for part in parts]
+                        stacked = gm.graph.call_function(_aten.stack.default, (mapped, dim if moved is None else moved))
+                    stacked.meta["val"] = user.meta.get("val", node.meta["val"])
+                    user.replace_all_uses_with(stacked)
+                    gm.graph.erase_node(user)
+                    gm.graph.erase_node(node)
+                    changed = True
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _moved_time_dim(user: fx.Node, stack: fx.Node, dim: int) -> int | None:
+    """Where a transpose ``user`` of ``stack`` moves its time dim ``dim``, when it swaps it with a
+    neighbour (``stack(xs, d).transpose(d, d+1)`` is ``stack(xs, d+1)``), else None."""
+    if user.op != "call_function" or user.target is not _aten.transpose.int or user.args[0] is not stack:
+        return None
+    rank = len(stack.meta["val"].shape)
+    a, b = sorted(cast(int, d) % rank for d in user.args[1:3])
+    return (b if dim == a else a) if dim in (a, b) and b == a + 1 else None
+
+
+def _acts_per_step(user: fx.Node, stack: fx.Node) -> bool:
+    """Whether ``user`` applies the same function to every step of ``stack`` (its first argument only)."""
+    if user.op != "call_function" or not user.args or user.args[0] is not stack or stack in user.args[1:]:
+        return False
+    rank = len(stack.meta["val"].shape)
+    dim = cast(int, stack.args[1] if len(stack.args) > 1 else 0) % rank
+    if user.target is _aten.linear.default:
+        return dim < rank - 1
+    if user.target is _aten.layer_norm.default:
+        return dim < rank - len(cast(list[int], user.args[1]))
+    return user.target in _PER_POSITION_UNARY
+
+
+def emitted_outputs(gm: fx.GraphModule) -> fx.Node | None:
+    """The model output when it is a stack of per-step outputs (``out`` of an ``nn.LSTM``, or a readout of
+    every step after :func:`push_stacks`), else None. Its parts are *emitted* (DESIGN §4): each goes
+    straight to the loss, so a time cut may leave them behind; the stack itself is assembled outside the
+    chunks, and its dim is the output's time dimension."""
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    returned = output.all_input_nodes[0] if output.all_input_nodes else None
+    if returned is None or returned.op != "call_function" or returned.target is not _aten.stack.default:
+        return None
+    parts = returned.args[0]
+    if not isinstance(parts, (list, tuple)) or len(parts) < 2:
+        return None
+    order = {n: k for k, n in enumerate(gm.graph.nodes)}
+    steps = [_last_cell(cast(fx.Node, p), order) for p in parts]  # a stack of layers' final states reads one step
+    return returned if all(a < b for a, b in zip(steps, steps[1:])) and steps[0] >= 0 else None
+
+
+def _last_cell(node: fx.Node, order: dict[fx.Node, int]) -> int:
+    """The graph position of the latest cell op ``node`` depends on (-1 for none)."""
+    ancestors: set[fx.Node] = set()
+    _ancestors([node], ancestors)
+    return max((order[n] for n in ancestors if n.op == "call_function" and n.target in CELL_OPS), default=-1)
+
+
+def hoist_readouts(gm: fx.GraphModule, stack: fx.Node) -> None:
+    """Move every step's readout (the nodes the emitted outputs of ``stack`` depend on that feed no cell)
+    to right after its inputs, so step t's readout runs in step t and not after the last step, where
+    every step's state would be live across every later cut."""
+    feeds_cells: set[fx.Node] = set()
+    _ancestors([n for n in gm.graph.nodes if n.op == "call_function" and n.target in CELL_OPS], feeds_cells)
+    readout: set[fx.Node] = set()
+    _ancestors(list(stack.all_input_nodes), readout, stop=feeds_cells)
+    for node in [n for n in gm.graph.nodes if n in readout and n.op == "call_function"]:
+        order = {n: k for k, n in enumerate(gm.graph.nodes)}
+        latest = max((a for a in node.all_input_nodes if a.op != "get_attr"), key=order.__getitem__, default=None)
+        if latest is not None and latest.next is not node:
+            latest.append(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _ancestors(nodes: list[fx.Node], into: set[fx.Node], stop: set[fx.Node] | None = None) -> None:
+    """Add ``nodes`` and their ancestors to ``into``, not entering ``stop``."""
+    stop = stop or set()
+    todo = [n for n in nodes if n not in stop]
+    while todo:
+        node = todo.pop()
+        if node not in into:
+            into.add(node)
+            todo.extend(a for a in node.all_input_nodes if a not in stop)
+
+
+def final_state_cut(gm: fx.GraphModule, view: GraphView) -> int:
+    """With emitted outputs: the legal cut right after the last time step's state is complete, before
+    its readout. The state crossing it is boundary N (the last chunk's output state), and the nodes
+    after it are the step readout (:class:`~hbll_compile.ir.Tail`).
+
+    Raises:
+        CutError: no such cut (the last step's readout reads more than the state).
+    """
+    position = {name: k for k, name in enumerate(view.sequence)}
+    last_cell = max(position[n.name] for n in gm.graph.nodes if n.op == "call_function" and n.target in CELL_OPS)
+    after = [k for k in view.legal_cuts if k > last_cell]
+    if not after:
+        raise CutError("the model emits an output at every time step, but the last step's output reads more than "
+                       "the recurrent state", node=view.sequence[-1],
+                       remedy="compute each step's output from that step's recurrent output only (e.g. "
+                       "fc(lstm(x)[0])), or read only the last step (out[:, -1])")
+    return after[0]
+
+
 def sink_views(gm: fx.GraphModule) -> None:
-    """Move every slice/select/narrow to just before its first reader, so a packed state's slices are
-    taken where they are read, not where the state was made (which would make them live across the gap)."""
+    """Give every reader of a slice/select/narrow its own copy of the view, just before it, so a packed
+    state's slices are taken where they are read, not where the state was made (which would make them
+    live across the gap), and a view read both by a step's readout and by the next step (a hand-written
+    loop's ``h``) does not stay live from one to the other. Views cost nothing."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _VIEWS and node.users:
-            first = min(node.users, key=order.__getitem__)
-            if first is not node.next:
-                first.prepend(node)
+            readers = sorted(node.users, key=order.__getitem__)
+            for reader in readers[1:]:
+                with gm.graph.inserting_before(reader):
+                    copy = gm.graph.node_copy(node)
+                reader.replace_input_with(node, copy)
+            if readers[0] is not node.next:
+                readers[0].prepend(node)
     gm.graph.lint()
     gm.recompile()
 
@@ -310,8 +460,9 @@ def time_cuts(gm: fx.GraphModule, view: GraphView) -> list[int]:
             node="model",
             remedy="keep parameter-dependent work on the whole sequence out of the recurrent loop: a layer "
             "applied to all steps before the recurrent module (embed inside the loop, per step), per-step "
-            "outputs kept for later (read only the last step: out[:, -1]), or two recurrent modules run one "
-            "after the other (use one module with num_layers=2)",
+            "outputs changed after they are stacked (return them as a (batch, time, ...) stack, a readout "
+            "applied to it, and reshape in the loss), or two recurrent modules run one after the other (use "
+            "one module with num_layers=2)",
         )
     return sorted(cuts.values())
 

@@ -544,9 +544,13 @@ def distribute(m: HBLLModel, *, sync_every: int = 1, timeout: float = 30.0) -> D
 
     Raises:
         DistributedError: no process group and no torchrun environment, a schedule that is not
-            wavefront HBLL, bad ``sync_every``/``timeout``, more ranks than blocks, or ranks whose
-            compiled models differ.
+            wavefront HBLL, a model that emits an output at every time step, bad ``sync_every``/``timeout``,
+            more ranks than blocks, or ranks whose compiled models differ.
     """
+    if m.emission is not None:
+        raise DistributedError("the model emits an output at every time step; distributed runs carry only "
+                               "boundaries and targets between ranks, not the chunks' outputs", node="output",
+                               remedy="train it in one process (m.fit)")
     if m.config.objective != "hbll" or m.config.inputs != "wavefront":
         raise DistributedError(
             f"only wavefront HBLL distributes; this model trains with objective={m.config.objective!r}, "

@@ -109,6 +109,8 @@ class Executor:
         self._env: Env = {}
         self._memo: dict[tuple[int, Value], torch.Tensor] = {}
         self._bp: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self._emitted: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        """Under ``"bp"`` with an emission: each chunk's emitted outputs and, once the loss ran, their gradient."""
         self._losses: dict[int, torch.Tensor] = {}
         self._hooks: OrderedDict[int, TaskHook] = OrderedDict()  # RemovableHandle keeps a weak reference
         self._handlers: dict[TaskKind, Callable[[Task], None]] = {
@@ -172,7 +174,8 @@ class Executor:
     # -- one step --------------------------------------------------------------------------------
     def step(self, inputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
         """Run one training step; returns the task loss of the deepest block that ran (detached), or
-        NaN when no block update ran yet (wavefront warm-up).
+        NaN when no block update ran yet (wavefront warm-up). With an emission, the sum of the shares of
+        the task loss that the chunks' own outputs carry (the whole loss when all chunks ran one batch).
 
         A step either completes or leaves no trace: when a task raises (for example
         :class:`~hbll_compile.errors.NonFiniteError` for a non-finite loss or gradient), every ``.grad``
@@ -207,6 +210,7 @@ class Executor:
             self.ring.appendleft(RingEntry(inputs, target, env))
         self._values = {Value.batch("x"): inputs[0], Value.batch("y"): target}
         self._env, self._memo, self._bp, self._losses, self._checks = env, {}, {}, {}, []
+        self._emitted = {}
         for work in self._work:
             for item in work:
                 tasks = item.tasks if isinstance(item, _Group) else (item,)
@@ -219,6 +223,8 @@ class Executor:
         self._check_finite()
         if not self._losses:
             return torch.tensor(float("nan"))
+        if self.units.emission is not None:  # each chunk's share of the sequence's loss
+            return torch.stack(list(self._losses.values())).sum().detach()
         return self._losses[max(self._losses)].detach()
 
     def _notify(self, tasks: Iterable[Task], *, done: bool) -> None:
@@ -315,18 +321,36 @@ class Executor:
         leaf = h.detach().requires_grad_() if i > 1 else None
         out = self.units.run_block(i, leaf if leaf is not None else h, self._env)
         self._bp[i] = (leaf, out)
+        if self.units.emission is not None:
+            self._emitted[i] = (self.units.emitted(i, self._env), None)
         self._write(task.writes[0], out)
 
     def _bp_backward(self, task: Task) -> None:
+        """Block i's backward; it also fills ``leaf.grad``, the gradient the next backward task reads. With
+        an emission, block N's task scores the concatenated outputs of every chunk and hands each chunk the
+        gradient of its own, and block i backpropagates both its state's and its outputs' gradients."""
         i = task.unit.id
         leaf, out = self._bp[i]
         x, y = self._values[Value.batch("x")], self._values[Value.batch("y")]
+        roots: list[torch.Tensor] = []
+        grads: list[torch.Tensor | None] = []
         if i == self.units.tree.n_blocks:
-            loss = self.units.score(out, y)
-            loss.backward()  # also fills leaf.grad, the gradient the next backward task reads
+            emission = self.units.emission
+            if emission is None:
+                loss = self.units.score(out, y)
+                roots, grads = [loss], [None]
+            else:
+                emitted = [self._emitted[j][0] for j in sorted(self._emitted)]
+                loss = self.units.score(torch.cat(emitted, emission.dim), y)
+                self._emitted = {j: (e, g) for j, e, g in zip(sorted(self._emitted), emitted,
+                                                              torch.autograd.grad(loss, emitted))}
             self._losses[i] = loss
         else:
-            out.backward(self._need(task.reads[1]))
+            roots, grads = [out], [self._need(task.reads[1])]
+        if i in self._emitted:
+            roots.append(self._emitted[i][0])
+            grads.append(self._emitted[i][1])
+        torch.autograd.backward(roots, grads)
         last = self._losses.get(i)
         self._checks.append(_Check(task, None if last is None else last.detach(),
                                    list(self.units.blocks[i - 1].parameters()), x, y))

@@ -4,7 +4,13 @@
 - :func:`path_loss`: the task loss of ``h`` sent through the hierarchical path P(i -> N);
 - :func:`block_loss`: a block update's path loss, plus its fused local head's weighted loss;
 - :func:`coupler_loss`: a coupler's consistency term plus its own path loss;
-- :func:`head_loss`: a local head's task loss.
+- :func:`head_loss`: a local head's task loss;
+- :func:`emitted_loss`: over time, for a model that outputs every step (an
+  :class:`~hbll_compile.ir.Emission`), the share of the task loss that some steps' outputs carry. Chunk
+  i's objective is then its own steps' share plus the path loss of the later steps: a leaf of its path
+  (a later chunk, run exactly) adds its steps' share, a coupler the share of the steps it skips, read
+  from its estimate of the state at the span's end through the step readout (the tail);
+- :func:`decomposition`: checks that the task loss splits over time steps, as the above needs.
 
 The path's own modules are applied *frozen* (see ``Units.run_node``), so a loss reaches only the
 unit that computed ``h``.
@@ -18,14 +24,15 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hbll_compile.config import HBLLConfig
-from hbll_compile.ir import BlockSpec, Tree
+from hbll_compile.errors import TrainingError
+from hbll_compile.ir import BlockSpec, Emission, Tree
 from hbll_compile.runtime.schedule import Task, TaskKind
 
 __all__ = [
@@ -35,6 +42,8 @@ __all__ = [
     "block_loss",
     "consistency",
     "coupler_loss",
+    "decomposition",
+    "emitted_loss",
     "head_loss",
     "path_loss",
     "trainable",
@@ -54,6 +63,8 @@ class Units(Protocol):
     couplers: nn.ModuleDict
     heads: nn.ModuleDict
     task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+    emission: Emission | None
+    reduction: Literal["mean", "sum"] | None
 
     def environment(self, *inputs: torch.Tensor, target: torch.Tensor | None = None) -> Env: ...
 
@@ -62,6 +73,10 @@ class Units(Protocol):
     def run_coupler(self, node: int, h: torch.Tensor, env: Env) -> torch.Tensor: ...
 
     def run_node(self, node: int, h: torch.Tensor, env: Env) -> torch.Tensor: ...
+
+    def run_tail(self, t: torch.Tensor, env: Env) -> torch.Tensor: ...
+
+    def emitted(self, i: int, env: Env) -> torch.Tensor: ...
 
     def score(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
 
@@ -75,10 +90,78 @@ class LocalLoss(NamedTuple):
 
 
 def path_loss(units: Units, path: Sequence[int], h: torch.Tensor, y: torch.Tensor, env: Env) -> torch.Tensor:
-    """``ℓ(P(h), y)``: the task loss after the tree nodes of ``path`` (empty for block N)."""
+    """``ℓ(P(h), y)``: the task loss after the tree nodes of ``path`` (empty for block N). With an
+    emission, the shares of the steps after ``h`` (module docstring); 0 for an empty path."""
+    emission = units.emission
+    if emission is None:
+        for node in path:
+            h = units.run_node(node, h, env)
+        return units.score(h, y)
+    loss = h.new_zeros(())
     for node in path:
         h = units.run_node(node, h, env)
-    return units.score(h, y)
+        tree_node = units.tree.nodes[node]
+        first, last = emission.span(tree_node.span[0] + 1)[0], emission.span(tree_node.span[1])[1]
+        if tree_node.is_leaf:
+            loss = loss + emitted_loss(units, units.emitted(tree_node.span[1], env), y, (first, last), last - first)
+        else:
+            readout = units.run_tail(h, env).unsqueeze(emission.dim)
+            loss = loss + emitted_loss(units, readout, y, (last - 1, last), last - first)
+    return loss
+
+
+def emitted_loss(
+    units: Units, outputs: torch.Tensor, y: torch.Tensor, steps: tuple[int, int], stands_for: int
+) -> torch.Tensor:
+    """The task loss of the outputs of time steps ``steps`` (a half-open range) against the target's
+    same steps, scaled to the share of the whole sequence's loss that ``stands_for`` steps carry:
+    ``stands_for / T`` under a mean over steps, ``stands_for / len(steps)`` under a sum."""
+    emission, reduction = units.emission, units.reduction
+    if emission is None or reduction is None:
+        raise ValueError("emitted_loss needs an emitting model whose loss decomposition was checked")
+    a, b = steps
+    piece = units.score(outputs, y.narrow(emission.dim, a, b - a))
+    return piece * (stands_for / (emission.length if reduction == "mean" else b - a))
+
+
+def decomposition(
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], emission: Emission, batch: int, y: torch.Tensor
+) -> Literal["mean", "sum"]:
+    """How ``loss`` splits over the chunks' time steps, checked on two random outputs ``o`` for target
+    ``y``: ``"mean"`` when ``loss(o, y)`` equals ``Σ_i (T_i / T) loss(o_i, y_i)`` (``o_i``, ``y_i``: chunk
+    i's ``T_i`` steps), ``"sum"`` when it equals ``Σ_i loss(o_i, y_i)``.
+
+    Raises:
+        TrainingError: ``y`` has no time dimension of length T, or ``loss`` is neither (it reads only some
+            steps, weighs them unevenly, or mixes them), so no chunk could train on its own steps.
+    """
+    dim, length = emission.dim, emission.length
+    if y.dim() <= dim or y.shape[dim] != length:
+        raise TrainingError(f"the model outputs {length} time steps along dim {dim}, but the target has shape "
+                            f"{tuple(y.shape)}", node="target",
+                            remedy=f"pass one target per step, with the {length} steps along dim {dim}")
+    shape = [batch, *emission.step_shape]
+    shape.insert(dim, length)
+    dtype = y.dtype if y.is_floating_point() else torch.get_default_dtype()
+    generator = torch.Generator().manual_seed(0)
+    fits = {"mean": True, "sum": True}
+    with torch.no_grad():
+        for _ in range(2):
+            o = torch.randn(shape, generator=generator, dtype=dtype).to(y.device)
+            whole = loss(o, y)
+            pieces = [(b - a, loss(o.narrow(dim, a, b - a), y.narrow(dim, a, b - a)))
+                      for a, b in map(emission.span, range(1, len(emission.steps) + 1))]
+            for kind, total in (("mean", sum(n / length * p for n, p in pieces)), ("sum", sum(p for _, p in pieces))):
+                fits[kind] &= bool(torch.isclose(whole, torch.as_tensor(total), rtol=1e-4, atol=1e-6))
+    if fits["mean"]:
+        return "mean"
+    if fits["sum"]:
+        return "sum"
+    raise TrainingError(
+        "the task loss does not decompose over time steps: on a random output it is neither the mean nor "
+        "the sum of its values on each chunk's steps, so no chunk can train on the steps it emits",
+        node="loss", remedy="use a loss that averages (or sums) a per-step loss over every step, e.g. "
+        "cross_entropy(output.flatten(0, 1), target.flatten()), or read only the last step (out[:, -1])")
 
 
 def consistency(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -106,8 +189,13 @@ def head_loss(units: Units, i: int, h: torch.Tensor, y: torch.Tensor) -> torch.T
 
 def block_loss(units: Units, task: Task, out: torch.Tensor, y: torch.Tensor, env: Env) -> LocalLoss:
     """A ``BLOCK_UPDATE``'s losses given block i's output ``out``: the path loss, plus
-    ``config.head_weight`` times its fused head's loss when ``task.head`` is set."""
+    ``config.head_weight`` times its fused head's loss when ``task.head`` is set. With an emission (no
+    heads) it adds the share of the steps block i emitted, which alone is the task loss it reports."""
     loss = path_loss(units, task.path, out, y, env)
+    if units.emission is not None:  # it reports the share of its own steps
+        first, last = units.emission.span(task.unit.id)
+        own = emitted_loss(units, units.emitted(task.unit.id, env), y, (first, last), last - first)
+        return LocalLoss(own, own + loss)
     if task.head is None:
         return LocalLoss(loss, loss)
     return LocalLoss(loss, loss + units.config.head_weight * head_loss(units, task.unit.id, out, y))

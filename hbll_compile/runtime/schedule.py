@@ -404,17 +404,23 @@ def build_dgl(n_blocks: int) -> Schedule:
     return _validated("dgl", [*forward, (*heads, last)], frozenset({_X, _Y}))
 
 
-def build_tbptt(n_blocks: int) -> Schedule:
-    """Truncated backprop through time over N chunks of time steps (``over="time"``): a detached forward
-    chain through chunks 1..N-1, then chunk N trained by the task loss of its output on its detached
-    initial state. Each chunk learns only from the outputs it emits itself; with a last-step readout
-    only the last chunk emits one, so the earlier chunks get no gradient (that is the baseline's point).
-    Critical path N + 1.
+def build_tbptt(n_blocks: int, *, emits: bool = False) -> Schedule:
+    """Truncated backprop through time over N chunks of time steps (``over="time"``): each chunk learns only
+    from the outputs it emits itself, on its detached initial state. With a last-step readout only the
+    last chunk emits one: a detached forward chain through chunks 1..N-1, then chunk N trained by the task
+    loss of its output, and the earlier chunks get no gradient (that is the baseline's point). With
+    ``emits`` (every chunk emits outputs) chunk i's update runs on the state chunk i-1's update wrote.
+    Critical path N + 1, or 2N with ``emits``.
 
     Example:
-        >>> len(build_tbptt(4)), build_tbptt(4).critical_path()
-        (4, 5)
+        >>> len(build_tbptt(4)), build_tbptt(4).critical_path(), build_tbptt(4, emits=True).critical_path()
+        (4, 5, 8)
     """
+    if emits:
+        _check_blocks(n_blocks)
+        stages = [(Task(TaskKind.BLOCK_UPDATE, Unit.block(i), (Value.h(i - 1), _Y),
+                        (Value.h(i),) if i < n_blocks else (), evals=2),) for i in range(1, n_blocks + 1)]
+        return _validated("tbptt", stages, frozenset({_X, _Y}))
     forward, last = _detached_chain(n_blocks)
     return _validated("tbptt", [*forward, (last,)], frozenset({_X, _Y}))
 
