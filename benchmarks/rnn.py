@@ -52,9 +52,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "rnn_rowmnist.jsonl"
 class RowRNN(nn.Module):
     """A digit (B, 1, 28, 28) read row by row by ``nn.GRU``/``nn.LSTM``, classified at the last step."""
 
-    def __init__(self, cell: str = "gru", hidden: int = 128, classes: int = 10) -> None:
+    def __init__(self, cell: str = "gru", hidden: int = 128, classes: int = 10, layers: int = 1) -> None:
         super().__init__()
-        self.rnn = (nn.GRU if cell == "gru" else nn.LSTM)(28, hidden, batch_first=True)
+        self.rnn = (nn.GRU if cell == "gru" else nn.LSTM)(28, hidden, layers, batch_first=True)
         self.fc = nn.Linear(hidden, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,11 +75,11 @@ def step_flops(m: hc.HBLLModel, x: torch.Tensor, y: torch.Tensor) -> int:
 
 
 def run_one(cell: str, objective: str, n: int, seed: int, epochs: int, batch: int, lr: float,
-            config: dict[str, Any]) -> dict[str, Any]:
+            config: dict[str, Any], layers: int = 1) -> dict[str, Any]:
     torch.set_num_threads(1)
     train, test = load_mnist8k()
     torch.manual_seed(seed)
-    net = RowRNN(cell)
+    net = RowRNN(cell, layers=layers)
     m = hc.hbll_compile(net, (train.tensors[0][:2],), blocks=n, loss=F.cross_entropy, over="time",
                         config=hc.HBLLConfig(objective=objective, seed=seed, **config))  # type: ignore[arg-type]
     bp = hc.hbll_compile(net, (train.tensors[0][:2],), blocks=n, loss=F.cross_entropy, over="time",
@@ -90,7 +90,8 @@ def run_one(cell: str, objective: str, n: int, seed: int, epochs: int, batch: in
     start = time.perf_counter()
     history = m.fit(train_loader, epochs, torch.optim.AdamW(m.parameters(), lr=lr), test_loader, progress=False)
     seconds = time.perf_counter() - start
-    return {"cell": cell, "objective": objective, "blocks": n, "seed": seed, "epochs": epochs, "batch": batch,
+    return {"cell": cell if layers == 1 else f"{cell}x{layers}", "objective": objective, "blocks": n, "seed": seed,
+            "epochs": epochs, "batch": batch,
             "lr": lr, "config": config, "accuracy": evaluate(m, test_loader)["accuracy"],
             "epoch_accuracy": history["eval_accuracy"], "train_seconds": seconds,
             "flops_vs_bptt": flops / bp_flops, "critical_path": m.schedule.critical_path(),
@@ -244,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--summarise", type=Path, help="print the table of a results file and exit")
     parser.add_argument("--task", default="rowmnist", choices=["rowmnist", "adding", "adding-early", "charlm"])
     parser.add_argument("--hidden", type=int, default=128, help="charlm: LSTM hidden size")
+    parser.add_argument("--layers", type=int, default=1, help="rowmnist: recurrent layers")
     parser.add_argument("--steps", type=int, default=1500, help="adding: training steps")
     parser.add_argument("--length", type=int, default=100, help="adding, charlm: sequence length T")
     args = parser.parse_args(argv)
@@ -278,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
         for n in args.blocks:
             for objective in args.objectives:
                 for seed in args.seeds:
-                    row = run_one(cell, objective, n, seed, args.epochs, args.batch, args.lr, json.loads(args.config))
+                    row = run_one(cell, objective, n, seed, args.epochs, args.batch, args.lr, json.loads(args.config),
+                                  args.layers)
                     rows.append(row)
                     with args.out.open("a") as f:
                         f.write(json.dumps(row) + "\n")

@@ -8,8 +8,9 @@
 - :func:`emitted_loss`: over time, for a model that outputs every step (an
   :class:`~hbll_compile.ir.Emission`), the share of the task loss that some steps' outputs carry. Chunk
   i's objective is then its own steps' share plus the path loss of the later steps: a leaf of its path
-  (a later chunk, run exactly) adds its steps' share, a coupler the share of the steps it skips, read
-  from its estimate of the state at the span's end through the step readout (the tail);
+  (a later chunk, run exactly) adds its steps' share, a coupler the share of the one step whose output
+  the step readout (the tail) makes from its estimate of the state at the span's end. Weighting that
+  one output as the share of every step the coupler skips made a char-level LSTM diverge (BENCHMARKS.md);
 - :func:`decomposition`: checks that the task loss splits over time steps, as the above needs.
 
 The path's own modules are applied *frozen* (see ``Units.run_node``), so a loss reaches only the
@@ -103,25 +104,23 @@ def path_loss(units: Units, path: Sequence[int], h: torch.Tensor, y: torch.Tenso
         tree_node = units.tree.nodes[node]
         first, last = emission.span(tree_node.span[0] + 1)[0], emission.span(tree_node.span[1])[1]
         if tree_node.is_leaf:
-            loss = loss + emitted_loss(units, units.emitted(tree_node.span[1], env), y, (first, last), last - first)
+            loss = loss + emitted_loss(units, units.emitted(tree_node.span[1], env), y, (first, last))
         else:
             readout = units.run_tail(h, env).unsqueeze(emission.dim)
-            loss = loss + emitted_loss(units, readout, y, (last - 1, last), last - first)
+            loss = loss + emitted_loss(units, readout, y, (last - 1, last))
     return loss
 
 
-def emitted_loss(
-    units: Units, outputs: torch.Tensor, y: torch.Tensor, steps: tuple[int, int], stands_for: int
-) -> torch.Tensor:
-    """The task loss of the outputs of time steps ``steps`` (a half-open range) against the target's
-    same steps, scaled to the share of the whole sequence's loss that ``stands_for`` steps carry:
-    ``stands_for / T`` under a mean over steps, ``stands_for / len(steps)`` under a sum."""
+def emitted_loss(units: Units, outputs: torch.Tensor, y: torch.Tensor, steps: tuple[int, int]) -> torch.Tensor:
+    """The share of the whole sequence's task loss that the outputs of time steps ``steps`` (a half-open
+    range) carry: their loss against the target's same steps, times ``len(steps) / T`` under a mean
+    over steps (as is under a sum)."""
     emission, reduction = units.emission, units.reduction
     if emission is None or reduction is None:
         raise ValueError("emitted_loss needs an emitting model whose loss decomposition was checked")
     a, b = steps
     piece = units.score(outputs, y.narrow(emission.dim, a, b - a))
-    return piece * (stands_for / (emission.length if reduction == "mean" else b - a))
+    return piece * ((b - a) / emission.length) if reduction == "mean" else piece
 
 
 def decomposition(
@@ -193,8 +192,7 @@ def block_loss(units: Units, task: Task, out: torch.Tensor, y: torch.Tensor, env
     heads) it adds the share of the steps block i emitted, which alone is the task loss it reports."""
     loss = path_loss(units, task.path, out, y, env)
     if units.emission is not None:  # it reports the share of its own steps
-        first, last = units.emission.span(task.unit.id)
-        own = emitted_loss(units, units.emitted(task.unit.id, env), y, (first, last), last - first)
+        own = emitted_loss(units, units.emitted(task.unit.id, env), y, units.emission.span(task.unit.id))
         return LocalLoss(own, own + loss)
     if task.head is None:
         return LocalLoss(loss, loss)
