@@ -112,6 +112,24 @@ def test_gpt_groups_attention_and_mlp_blocks_with_context(calls) -> None:
     assert calls.count((0, 1)) == 4 and calls.count((0, 1, 2)) == 5
 
 
+def test_attention_runs_in_its_math_form_inside_the_vmap(monkeypatch) -> None:
+    """The fused attention kernels have no vmap batching rule (on CUDA their vmapped backward fails), so
+    the vmapped call allows only the math backend; the loop keeps the fused ones."""
+    flags: list[tuple[bool, bool]] = []
+    original = StackedBlocks._call
+
+    def spy(self: StackedBlocks, *args) -> torch.Tensor:
+        flags.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+        return original(self, *args)
+
+    monkeypatch.setattr(StackedBlocks, "_call", spy)
+    batched = _compile("gpt", 8, "batched")
+    for x, y in _batches("gpt", [4] * 6):  # block 4 joins block 2 from step 4 on
+        batched.training_step(*x, target=y)
+    assert flags and set(flags) == {(False, True)}
+    assert torch.backends.cuda.flash_sdp_enabled()
+
+
 def test_stacks_are_the_single_source_of_truth() -> None:
     m = _compile("resmlp", 4, "batched")
     net = m.to_original()

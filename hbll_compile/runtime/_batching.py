@@ -23,6 +23,7 @@ model's ``state_dict()`` holds copies of the batched parameters, not slices, bec
 (``m.save``) refuses to save a tensor that covers only part of its storage; the original model's own
 ``state_dict()`` still holds the slices, which ``torch.save`` stores as they are.
 
+Attention runs in its math form inside the vmap (``SDPBackend.MATH``): the fused kernels do not batch.
 Random ops run with ``randomness="different"``: each member draws its own dropout mask, as in the
 loop, but not the same masks the loop would draw.
 
@@ -44,6 +45,7 @@ from typing import Any, cast
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hbll_compile._util import lookup
 from hbll_compile.errors import TrainingError
@@ -176,7 +178,11 @@ class StackedBlocks:
         values = tuple(value for value, _ in context)
         dims = tuple(dim for _, dim in context)
         call = torch.func.vmap(self._call, in_dims=(0, 0, *dims), randomness="different")
-        return call(params, h, *values)
+        # vmap has no batching rule for the fused attention kernels: on CPU it falls back to one call
+        # per member, on CUDA the vmapped backward fails ("LSE is not correctly aligned"); attention's
+        # math form is plain matmuls and softmax, which batch.
+        with sdpa_kernel(SDPBackend.MATH):
+            return call(params, h, *values)
 
     def sync(self) -> None:
         """Rebuild the stacks if a member parameter was replaced or its storage moved (``.to()`` and such)."""
