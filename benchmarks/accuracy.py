@@ -11,6 +11,12 @@ Examples (the commands behind BENCHMARKS.md):
     python benchmarks/accuracy.py --suite chargpt --blocks 4 --objectives bp hbll --seeds 0 --steps 600
     python benchmarks/accuracy.py --suite resmlp_ln --blocks 16 --objectives bp hbll --seeds 0 1 2 --epochs 5
     python benchmarks/accuracy.py --suite resmlp --summarise benchmarks/results/accuracy_resmlp.jsonl
+    python benchmarks/accuracy.py --suite rowmnist --cell gru --layers 2 --blocks 4 --objectives bp hbll --epochs 3
+    python benchmarks/accuracy.py --suite charlstm --blocks 4 --objectives bp tbptt hbll --steps 600
+    python benchmarks/accuracy.py --suite adding_early --blocks 4 --objectives tbptt hbll --steps 2000
+
+The recurrent suites (``RNN_SUITES``) compile over time and run ``benchmarks/rnn.py``'s runs with its
+settings; its own command line has more options (sequence length, hidden size, batch, learning rate).
 """
 
 from __future__ import annotations
@@ -72,6 +78,23 @@ def _mnist_run(suite: str, objective: str, n: int, seed: int, epochs: int, confi
     return row
 
 
+RNN_SUITES = ("rowmnist", "charlstm", "adding_early")
+"""Over time (issue 11): row-by-row MNIST (batch 64, AdamW lr 2e-3), the char-level LSTM on the
+standard-library corpus (T=128, hidden 128, batch 32, lr 3e-3) and the adding problem with both markers
+in the first half (T=100, batch 128, lr 3e-3)."""
+
+
+def _rnn_run(job: dict[str, Any]) -> dict[str, Any]:
+    import rnn
+
+    suite, objective, n, seed, config = job["suite"], job["objective"], job["blocks"], job["seed"], job["config"]
+    if suite == "rowmnist":
+        return rnn.run_one(job["cell"], objective, n, seed, job["epochs"], 64, 2e-3, config, job["layers"])
+    if suite == "charlstm":
+        return rnn.run_charlm(objective, n, seed, job["steps"], 128, 32, 3e-3, 128, config)
+    return rnn.run_adding(objective, n, seed, job["steps"], 100, 128, 3e-3, config, early=True)
+
+
 def _chargpt_run(objective: str, n: int, seed: int, steps: int, config: dict) -> dict[str, Any]:
     from charlm_gpt import parser, train
 
@@ -85,7 +108,9 @@ def _chargpt_run(objective: str, n: int, seed: int, steps: int, config: dict) ->
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
-    if job["suite"] == "chargpt":
+    if job["suite"] in RNN_SUITES:
+        result = _rnn_run(job)
+    elif job["suite"] == "chargpt":
         result = _chargpt_run(job["objective"], job["blocks"], job["seed"], job["steps"], job["config"])
     else:
         result = _mnist_run(job["suite"], job["objective"], job["blocks"], job["seed"], job["epochs"], job["config"],
@@ -94,14 +119,21 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _label(row: dict[str, Any]) -> str:
-    label = row["objective"] + (" (oracle couplers)" if row.get("oracle") else "")
+    label = (f"{row['cell']} " if row["suite"] == "rowmnist" else "") + row["objective"]
+    label += " (oracle couplers)" if row.get("oracle") else ""
     label += f", width {row['width']}" if row.get("width", 256) != 256 else ""
     return label + (f", depth {row['depth']}" if row["suite"] == "resmlp" and row.get("depth", 16) != 16 else "")
 
 
+def _metric(row: dict[str, Any]) -> str:
+    """The held-out score a row reports: accuracy, perplexity (language models) or test MSE (adding)."""
+    return next(key for key in ("accuracy", "perplexity", "test_mse") if key in row)
+
+
 def summarise(rows: list[dict[str, Any]]) -> str:
     """Markdown: one row per (suite, N, objective, config) with mean ± std over seeds."""
-    metric = "perplexity" if rows and rows[0]["suite"] == "chargpt" else "accuracy"
+    metric = _metric(rows[0]) if rows else "accuracy"
+    digits = 4 if metric == "test_mse" else 2
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["suite"], r["blocks"], _label(r), json.dumps(r["config"])), []).append(r)
@@ -109,9 +141,9 @@ def summarise(rows: list[dict[str, Any]]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (suite, n, objective, config), rs in sorted(groups.items()):
         values = [r[metric] * (100 if metric == "accuracy" else 1) for r in rs]
-        spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
         lines.append(f"| {suite} | {n} | {objective} | {config if config != '{}' else '-'} | "
-                     f"{statistics.mean(values):.2f}{spread} | {len(rs)} | {rs[0]['critical_path']} | "
+                     f"{statistics.mean(values):.{digits}f}{spread} | {len(rs)} | {rs[0]['critical_path']} | "
                      f"{statistics.mean(r['train_seconds'] for r in rs):.0f} |")
     depth_rows = [r for r in rows if r.get("depth_report")]
     if depth_rows:
@@ -138,12 +170,14 @@ def summarise(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=("resmlp", "resmlp_ln", "cnn", "chargpt"), required=True)
+    p.add_argument("--suite", choices=("resmlp", "resmlp_ln", "cnn", "chargpt", *RNN_SUITES), required=True)
     p.add_argument("--blocks", type=int, nargs="+", default=[8])
     p.add_argument("--objectives", nargs="+", default=["bp", "dgl", "hbll"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--steps", type=int, default=600, help="training steps (chargpt)")
+    p.add_argument("--steps", type=int, default=600, help="training steps (chargpt, charlstm, adding_early)")
+    p.add_argument("--cell", choices=("gru", "lstm"), default="gru", help="recurrent cell (rowmnist)")
+    p.add_argument("--layers", type=int, default=1, help="recurrent layers (rowmnist)")
     p.add_argument("--config", type=json.loads, default={},
                    help='extra HBLLConfig fields as JSON, e.g. {"inputs": "tree"}')
     p.add_argument("--depth", type=int, default=16, help="residual blocks of the resmlp network")
@@ -159,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     jobs = [{"suite": args.suite, "objective": o, "blocks": n, "seed": s, "epochs": args.epochs,
              "steps": args.steps, "config": args.config if o == "hbll" else {}, "depth": args.depth,
-             "width": args.width,
+             "width": args.width, "cell": args.cell, "layers": args.layers,
              "oracle": args.oracle_couplers and o == "hbll"}
             for n in args.blocks for o in args.objectives for s in args.seeds]
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"accuracy_{args.suite}.jsonl")
@@ -167,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for row in pool.map(run_one, jobs):
             rows.append(row)
-            metric = row.get("accuracy", row.get("perplexity"))
+            metric = row[_metric(row)]
             print(f"{row['suite']} N={row['blocks']} {row['objective']} seed {row['seed']}: {metric:.4f} "
                   f"({row['train_seconds']:.0f}s)", flush=True)
             with out.open("a") as f:

@@ -13,6 +13,7 @@ from torch import nn
 
 import hbll_compile as hc
 from hbll_compile.cli import main as cli
+from hbll_compile.runtime.objectives import emitted_loss
 from hbll_compile.runtime.schedule import Task, TaskKind, Unit
 
 T, D, H, CLASSES = 6, 5, 8, 3
@@ -224,6 +225,19 @@ class _Projected(nn.Module):
         return self.fc(last + p.mean(1) if self.skip else last)
 
 
+class _Convolved(nn.Module):
+    """A convolution over time before a GRU: it mixes neighbouring steps, so it cannot run per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(D, D, 3, padding=1)
+        self.rnn = nn.GRU(D, H, batch_first=True)
+        self.fc = nn.Linear(H, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.rnn(self.conv(x.transpose(1, 2)).transpose(1, 2))[0][:, -1])
+
+
 @pytest.mark.parametrize("net", [_Embedded(), _Projected()], ids=["embedding", "projection"])
 def test_layers_before_the_recurrent_module_run_per_step(net: nn.Module) -> None:
     """An embedding or input projection over the whole sequence is applied per step inside the chunks."""
@@ -242,6 +256,7 @@ def test_layers_before_the_recurrent_module_run_per_step(net: nn.Module) -> None
     (RecurrentClassifier("GRU", 1, True, D, H, CLASSES), None, ""),
     (nn.Sequential(nn.Flatten(), nn.Linear(T * D, CLASSES)), hc.CutError, "no recurrent module"),
     (_Projected(skip=True), hc.CutError, "only the recurrent state crosses"),
+    (_Convolved(), hc.CutError, "only the recurrent state crosses"),
 ])
 def test_refusals_name_the_reason(net: nn.Module, error: type[Exception] | None, words: str) -> None:
     if error is None:
@@ -375,6 +390,26 @@ def test_tbptt_with_emitted_outputs_equals_truncated_backprop_by_hand(reduction:
     for p, g in zip(net.parameters(), _eager_truncated_lm_grads(net, x, y, chunks, reduction)):
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
     assert [t.unit for t in m.schedule.tasks() if t.kind is TaskKind.BLOCK_UPDATE] == [Unit.block(i) for i in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_coupler_readout_carries_one_steps_share(reduction: str) -> None:
+    """The share of some steps' outputs is what they add to the whole loss: the chunks' shares sum to
+    the task loss, and the one output a coupler's estimate is read out to counts as one step (weighting
+    it as every step the coupler skips made a char-level LSTM diverge)."""
+    torch.manual_seed(0)
+    loss = seq_loss if reduction == "mean" else (
+        lambda o, t: F.cross_entropy(o.flatten(0, 1), t.flatten(), reduction="sum"))
+    m = _lm_compile(RecurrentLM("GRU"), blocks=4, loss=loss)
+    x, y = _tokens(5, seed=9)
+    m.training_step(x, target=y)
+    assert m.reduction == reduction and m.emission is not None
+    with torch.no_grad():
+        out = m(x)
+        shares = [emitted_loss(m, out[:, a:b], y, (a, b)) for a, b in map(m.emission.span, range(1, 5))]
+        torch.testing.assert_close(sum(shares), loss(out, y))
+        one = loss(out[:, T - 1 : T], y[:, T - 1 : T]) / (T if reduction == "mean" else 1)
+        torch.testing.assert_close(emitted_loss(m, out[:, T - 1 : T], y, (T - 1, T)), one)
 
 
 @pytest.mark.parametrize("inputs", ["wavefront", "tree"])

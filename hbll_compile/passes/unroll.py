@@ -458,8 +458,9 @@ def time_cuts(gm: fx.GraphModule, view: GraphView) -> list[int]:
         raise CutError(
             "over='time' found no gap between time steps that only the recurrent state crosses",
             node="model",
-            remedy="keep parameter-dependent work on the whole sequence out of the recurrent loop: a layer "
-            "applied to all steps before the recurrent module (embed inside the loop, per step), per-step "
+            remedy="keep parameter-dependent work that mixes time steps out of the recurrent loop: a "
+            "convolution or attention over time before the recurrent module (move it inside the loop, per "
+            "step, or compile with over='depth'), per-step "
             "outputs changed after they are stacked (return them as a (batch, time, ...) stack, a readout "
             "applied to it, and reshape in the loss), or two recurrent modules run one after the other (use "
             "one module with num_layers=2)",
