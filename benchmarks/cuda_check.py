@@ -77,7 +77,8 @@ def check(build: Build, device: torch.device) -> None:
     on_dev = tuple(t.to(device) for t in inputs)
     with torch.no_grad():
         torch.testing.assert_close(dev.eval()(*on_dev).cpu(), cpu.eval()(*inputs), atol=1e-4, rtol=1e-4)
-    cpu.train(), dev.train()
+    cpu.train()
+    dev.train()
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (cpu, dev)]
     for _ in range(3):
         losses = []
