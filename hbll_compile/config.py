@@ -78,11 +78,13 @@ class HBLLConfig:
             learned part. ``"auto"`` (default): the model's head from the head cut on (see
             :mod:`~hbll_compile.passes.graph`): usually the final linear layer together with any
             normalisation it reads (a final LayerNorm, BatchNorm or hand-written RMSNorm, and the
-            ReLU or pooling after it), which couplers cannot stand in for; and all of block N when
-            the value entering the head is a sequence (T, D), where couplers are per-token maps that
-            cannot model attention. ``"head"``: block N from its last legal cut on, even after a
-            normalisation. ``"block"``: all of block N. A short tail keeps a step cheap on networks
-            whose last block holds real layers. Measurements behind the rule: BENCHMARKS.md (issue 12).
+            ReLU or pooling after it), which couplers cannot stand in for. The rule is the same for
+            sequences (T, D): couplers ending at the output then stand in for block N's attention or
+            token mixing too (see ``coupler_mixing``). ``"head"``: block N from its last legal cut on, even after a
+            normalisation. ``"block"``: all of block N, which every block's path then runs, so one
+            step costs up to N-1 more evaluations of block N (an 8-layer MLP-Mixer at N=16: 2.75× BP's
+            FLOPs, against 1.76× with ``"auto"``). Measurements behind the rule: BENCHMARKS.md
+            (issues 12 and 13).
         coupler_condition: what couplers see besides their input boundary. ``"none"`` (default).
             ``"label"``: the target, for classification (integer class labels per sample, or per token
             for sequence outputs such as a language model's next tokens): each coupler embeds it
@@ -96,11 +98,15 @@ class HBLLConfig:
         label_dropout: under ``coupler_condition="label"``, the probability that a coupler sees "no
             label" instead of a sample's label in training mode, so that depth-d subnetworks work
             without labels.
-        coupler_mixing: token mixing inside couplers that work on sequences (T, D). ``"none"``
-            (default): per-token maps. ``"causal_conv"``: F and G add a causal depthwise convolution
-            over time (see :data:`~hbll_compile.nn.coupling.CAUSAL_KERNEL`); ``"causal_attention"``:
-            one small causal attention head (see :data:`~hbll_compile.nn.coupling.ATTENTION_DIM`).
-            Either lets couplers stand in for attention; no output token reads a later input token.
+        coupler_mixing: token mixing inside couplers that work on sequences (T, D); couplers on
+            vectors and images ignore it. ``"causal_conv"`` (default): F and G add a causal depthwise
+            convolution over time (see :data:`~hbll_compile.nn.coupling.CAUSAL_KERNEL`), so couplers
+            stand in for the token mixing of the blocks they span, block N's included (see
+            ``output_tail``). ``"causal_attention"``: one small causal attention head (see
+            :data:`~hbll_compile.nn.coupling.ATTENTION_DIM`), which costs more than the coupler budget
+            at small widths (an MLP-Mixer at N=16: 2.22× BP's FLOPs). ``"none"``: per-token maps. Either
+            mixer is causal: no output token reads a later input token. Measurements: BENCHMARKS.md
+            (issue 13).
         local_head_weight: weight λ of the local-head losses added to each block's path loss under
             ``"hbll"`` (0 disables heads). ``None`` (default): :data:`DEFAULT_HEAD_WEIGHT` at every
             boundary where a local head can be built (:func:`~hbll_compile.nn.heads.make_head`), and no
@@ -131,7 +137,7 @@ class HBLLConfig:
     output_tail: OutputTail = "auto"
     coupler_condition: CouplerCondition = "none"
     label_dropout: float = 0.1
-    coupler_mixing: CouplerMixing = "none"
+    coupler_mixing: CouplerMixing = "causal_conv"
     local_head_weight: float | None = None
     consistency_weight: float = 1.0
     coupler_path_weight: float = 0.0

@@ -91,10 +91,17 @@ def test_tail_of_a_residual_mlp_is_its_head_or_the_whole_block() -> None:
     assert [p.sink for p in whole.coupler_plans if p.runs_tail] == [n - 1] * whole.tree.depth
 
 
-@pytest.mark.parametrize(("tail", "whole_block"), [("auto", True), ("head", False), ("block", True)])
-def test_auto_tail_keeps_attention_exact_for_sequences(tail: str, whole_block: bool) -> None:
-    m = hc.hbll_compile(ZOO["gpt"].build(), ZOO["gpt"].example(), blocks=4, config=hc.HBLLConfig(output_tail=tail))
+@pytest.mark.parametrize(("tail", "ln_f", "whole_block"), [("auto", True, False), ("head", False, False),
+                                                          ("block", True, True)])
+def test_a_sequence_tail_keeps_the_final_norm_and_leaves_attention_to_couplers(
+    tail: str, ln_f: bool, whole_block: bool
+) -> None:
+    model = ZOO["gpt"].build()
+    m = hc.hbll_compile(model, ZOO["gpt"].example(), blocks=4, config=hc.HBLLConfig(output_tail=tail))
+    owned = {id(p) for p in m.tail.parameters()}
     assert m.tail_info.is_whole_block == whole_block
+    assert all(id(p) in owned for p in model.ln_f.parameters()) == ln_f
+    assert any(id(p) in owned for p in model.h[-1].attn.parameters()) == whole_block
 
 
 def test_tied_weights_stay_tied() -> None:

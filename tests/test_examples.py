@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import write_cifar10
 
+import hbll_compile as hc
 from hbll_compile.cli import main as cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +120,34 @@ def test_benchmark_table_runs_cells_and_renders(tmp_path: Path, capsys: pytest.C
     table.main(["--summarise", str(out)])
     rendered = capsys.readouterr().out
     assert "| resmlp | 8 | hbll | 1 ep on 256 | 1 |" in rendered and "| resmlp | 4 | bp | 1 ep on 256 | 1 |" in rendered
+
+
+def test_levers_head_schedule_sets_the_weight_each_step_uses() -> None:
+    """benchmarks/levers.py's λ schedules, and the mechanism its hook relies on: a step uses the λ of the
+    config in ``m.config`` at that moment, so replacing the config between steps changes the block loss."""
+    levers = _example("levers", ROOT / "benchmarks")
+    assert levers.head_weight("const", 99, 100) == 0.5
+    assert levers.head_weight("lin", 0, 100) == 0.5 and levers.head_weight("lin", 100, 100) < 1e-6
+    assert levers.head_weight("epoch1", 19, 100) == 0.5 and levers.head_weight("epoch1", 20, 100) < 1e-6
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+
+    def block_grad(config: hc.HBLLConfig, schedule: str | None = None) -> torch.Tensor:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
+                                  torch.nn.Linear(8, 3))
+        m = hc.hbll_compile(net, (x[:2],), blocks=2, loss=F.cross_entropy, config=config)
+        hook = levers._scheduled(schedule, 5) if schedule else None
+        for _ in range(2):  # the second step finds the wavefront full: block 1 trains on its path and head
+            if hook:
+                hook(m)
+            m.zero_grad(set_to_none=True)
+            m.training_step(x, target=y)
+        return next(m.blocks[0].parameters()).grad
+
+    scheduled = block_grad(hc.HBLLConfig(), "epoch1")  # λ = 0.5 at step 0, then ~0
+    assert levers.head_weight("epoch1", 0, 5) == 0.5 and levers.head_weight("epoch1", 1, 5) < 1e-6
+    torch.testing.assert_close(scheduled, block_grad(hc.HBLLConfig(local_head_weight=1e-9)))
+    assert not torch.allclose(scheduled, block_grad(hc.HBLLConfig()))
 
 
 def test_cifar10_example_reads_local_batches(tmp_path: Path) -> None:

@@ -111,7 +111,7 @@ def lower(
                        Emission(dim, tuple(steps), tuple(nodes[parts[-1]].meta["hbll"].shape or ())[1:]))
     start = tail_cut(view, bounds[-2], output_tail)
     cut = _boundary(n, view.crossing[start], nodes) if start is not None else None
-    if cut is not None and not (output_tail == "auto" and len(cut.shape) == 2):
+    if cut is not None:
         members = view.sequence[start:]
         graph, tail_reads = _block_graph(nodes, members, cut.node, view.output)
         tail = _graph_module(gm, graph, resolve, "Tail")
@@ -129,7 +129,8 @@ def tail_cut(view: GraphView, block_start: int, output_tail: str) -> int | None:
     - ``"head"``: the last legal cut of the block (usually right before the final linear layer, even
       when a normalisation precedes that layer: then it trains badly, see issue 12);
     - ``"auto"``: the head cut (:mod:`~hbll_compile.passes.graph`), which keeps any normalisation the
-      head reads inside the tail.
+      head reads inside the tail, whatever the boundary's kind: on a sequence, couplers stand in for
+      block N's attention too, since a tail that every path runs must stay small (BENCHMARKS.md, issue 13).
     """
     inner = [c for c in view.legal_cuts if c > block_start]
     if output_tail == "block" or not inner:
