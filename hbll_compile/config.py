@@ -80,11 +80,11 @@ class HBLLConfig:
             normalisation it reads (a final LayerNorm, BatchNorm or hand-written RMSNorm, and the
             ReLU or pooling after it), which couplers cannot stand in for. The rule is the same for
             sequences (T, D): couplers ending at the output then stand in for block N's attention or
-            token mixing too (see ``coupler_mixing``). ``"head"``: block N from its last legal cut on, even after a
-            normalisation. ``"block"``: all of block N, which every block's path then runs, so one
-            step costs up to N-1 more evaluations of block N (an 8-layer MLP-Mixer at N=16: 2.75× BP's
-            FLOPs, against 1.76× with ``"auto"``). Measurements behind the rule: BENCHMARKS.md
-            (issues 12 and 13).
+            token mixing too (see ``coupler_mixing``). ``"head"``: block N from its last legal cut on,
+            even after a normalisation. ``"block"``: all of block N, which every block's path then
+            runs, so one step costs up to N-1 more evaluations of block N (an 8-layer MLP-Mixer at
+            N=16: 2.75× BP's FLOPs, against 1.84× with ``"auto"``). Measurements behind the rule:
+            BENCHMARKS.md (issues 12 and 13).
         coupler_condition: what couplers see besides their input boundary. ``"none"`` (default).
             ``"label"``: the target, for classification (integer class labels per sample, or per token
             for sequence outputs such as a language model's next tokens): each coupler embeds it
