@@ -103,12 +103,14 @@ def train(objective: str, args: argparse.Namespace,
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch, shuffle=True,
                                          generator=torch.Generator().manual_seed(args.seed))
     optimizer = torch.optim.AdamW(m.parameters(), lr=args.lr)
+    lead = hc.default_lead(m)  # what fit does: blocks' weights predicted N/2 steps ahead under the wavefront
     step = 0
     m.train()
     while step < args.steps:
         for x, y in loader:
             optimizer.zero_grad(set_to_none=True)
-            m.training_step(x, target=y)
+            with hc.predicted_weights(m, optimizer, lead):
+                m.training_step(x, target=y)
             optimizer.step()
             step += 1
             if curve is not None and args.eval_every and step % args.eval_every == 0:

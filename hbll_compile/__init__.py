@@ -25,6 +25,7 @@ from hbll_compile.errors import (
 from hbll_compile.export import ExportReport, export_onnx, export_training_artifacts
 from hbll_compile.model import HBLLModel
 from hbll_compile.runtime.distributed import DistributedHBLL, distribute
+from hbll_compile.runtime.prediction import default_lead, predicted_weights
 
 __all__ = [
     "CaptureError",
@@ -40,10 +41,12 @@ __all__ = [
     "LoweringError",
     "NonFiniteError",
     "TrainingError",
+    "default_lead",
     "distribute",
     "export_onnx",
     "export_training_artifacts",
     "hbll_compile",
     "ort",
+    "predicted_weights",
 ]
 __version__ = "0.1.0"

@@ -378,16 +378,20 @@ class HBLLModel(nn.Module):
         diagnose_every: int | None = None,
         diagnose_batch: Sequence[torch.Tensor] | None = None,
         recalibrate_bn: int = RECALIBRATE_BN,
+        predict_weights: float | None = None,
     ) -> dict[str, list[Any]]:
         """Train for ``epochs`` on batches ``(inputs..., target)`` with a rich progress bar (loss,
         steps/s, stage count); default optimizer AdamW(lr=1e-3). Returns the per-epoch history. See
         :func:`hbll_compile.runtime.trainer.fit` for non-finite handling, checkpoints, resuming,
         ``diagnose_every`` (the :meth:`gradient_report` summary every k steps on one fixed batch) and
         ``recalibrate_bn`` (BatchNorm statistics recomputed after each epoch, see
-        :meth:`recalibrate_batchnorm`)."""
+        :meth:`recalibrate_batchnorm`) and ``predict_weights`` (each step runs at the blocks' weights that
+        many optimizer steps ahead, against the wavefront's skew; None: N/2 under HBLL's wavefront, see
+        :mod:`hbll_compile.runtime.prediction`)."""
         return fit(self, train_loader, epochs, optimizer, eval_loader, progress=progress, on_nonfinite=on_nonfinite,
                    checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
-                   diagnose_every=diagnose_every, diagnose_batch=diagnose_batch, recalibrate_bn=recalibrate_bn)
+                   diagnose_every=diagnose_every, diagnose_batch=diagnose_batch, recalibrate_bn=recalibrate_bn,
+                   predict_weights=predict_weights)
 
     def recalibrate_batchnorm(self, batches: Iterable[Sequence[torch.Tensor]]) -> int:
         """Recompute every BatchNorm layer's running statistics from ``batches`` ``(inputs..., target)`` at the

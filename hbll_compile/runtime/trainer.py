@@ -26,6 +26,7 @@ from torch.optim.swa_utils import update_bn
 from hbll_compile._util import device_of
 from hbll_compile.errors import NonFiniteError, TrainingError
 from hbll_compile.runtime.fidelity import gradient_report
+from hbll_compile.runtime.prediction import default_lead, predicted_weights
 
 __all__ = ["RECALIBRATE_BN", "evaluate", "fit", "recalibrate_batchnorm", "split_batch", "to_device"]
 
@@ -121,6 +122,7 @@ def fit(
     diagnose_every: int | None = None,
     diagnose_batch: Batch | None = None,
     recalibrate_bn: int = RECALIBRATE_BN,
+    predict_weights: float | None = None,
 ) -> dict[str, list[Any]]:
     """Train with ``model.training_step`` for ``epochs``; returns per-epoch history.
 
@@ -146,6 +148,10 @@ def fit(
       statistics are recomputed from the epoch's last ``recalibrate_bn`` training batches at the epoch's
       final weights (:func:`recalibrate_batchnorm`); ``recalibrate_bn=0`` keeps the running averages that
       training left. The batches are the ones just trained on, so the loader is not read again.
+    - Each step runs with the blocks' weights predicted ``predict_weights`` optimizer steps ahead
+      (:func:`~hbll_compile.runtime.prediction.predicted_weights`, against the wavefront's skew); None
+      takes :func:`~hbll_compile.runtime.prediction.default_lead` (N/2 under HBLL's wavefront over
+      depth, else 0), and 0 turns it off.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -162,6 +168,7 @@ def fit(
         raise TrainingError("checkpoint_every and resume need a checkpoint path", node="checkpoint",
                             remedy="pass checkpoint='run.safetensors'")
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
+    lead = default_lead(model) if predict_weights is None else predict_weights
     device = device_of(model)
     history: dict[str, list[Any]] = {"loss": [], "eval_loss": [], "eval_accuracy": [], "steps_per_s": [],
                                      "skipped": []}
@@ -220,7 +227,8 @@ def fit(
                     start += diagnose(step)
                 optimizer.zero_grad(set_to_none=True)
                 try:
-                    loss = model.training_step(*inputs, target=target)
+                    with predicted_weights(model, optimizer, lead):
+                        loss = model.training_step(*inputs, target=target)
                 except NonFiniteError:
                     if on_nonfinite == "raise":
                         raise
