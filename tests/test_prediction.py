@@ -90,3 +90,14 @@ def test_fit_predicts_half_the_blocks_ahead_under_the_wavefront_only() -> None:
     assert not all(torch.equal(default[k], off[k]) for k in default)
     bp_default, bp_off = trained("bp", None), trained("bp", 0)
     assert all(torch.equal(bp_default[k], bp_off[k]) for k in bp_default)
+
+
+def test_fit_does_not_predict_by_default_for_optimizers_it_cannot_read() -> None:
+    """Plain SGD's next update is its next gradient: the default leaves the weights alone, an explicit lead
+    is refused."""
+    data = DataLoader(TensorDataset(torch.randn(32, 20), torch.randint(0, 5, (32,))), batch_size=16)
+    m = compile_case("resmlp", 4)
+    m.fit(data, epochs=1, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), progress=False)
+    with pytest.raises(hc.TrainingError) as info:
+        m.fit(data, epochs=2, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), progress=False, predict_weights=1)
+    assert info.value.node == "optimizer"

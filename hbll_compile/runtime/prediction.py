@@ -17,9 +17,12 @@ one elementwise pass over the blocks' parameters per step and nothing to the cri
 Rules:
 - Only the blocks' parameters move (not couplers or heads); parameters the optimizer has not stepped
   yet stay where they are.
-- Supported: Adam and AdamW (their bias-corrected first moment over the root of the second, plus
-  decoupled weight decay), and SGD with momentum (its momentum buffer). Other optimizers raise
-  :class:`~hbll_compile.errors.TrainingError`.
+- Supported (:func:`readable`): Adam and AdamW (their bias-corrected first moment over the root of the
+  second, plus decoupled weight decay), and SGD with momentum (its momentum buffer). With any other
+  optimizer the next update depends on a gradient not yet computed: ``predicted_weights`` raises
+  :class:`~hbll_compile.errors.TrainingError`, and ``fit``'s default does not predict.
+- :func:`~hbll_compile.runtime.distributed.distribute` does not predict yet: a rank's frozen replicas of
+  the other ranks' blocks would have to move with them.
 
 Example:
     >>> import torch, hbll_compile as hc
@@ -50,7 +53,7 @@ from torch import nn
 
 from hbll_compile.errors import TrainingError
 
-__all__ = ["default_lead", "expected_update", "predicted_weights"]
+__all__ = ["default_lead", "expected_update", "predicted_weights", "readable"]
 
 
 def default_lead(model: Any) -> float:
@@ -62,26 +65,36 @@ def default_lead(model: Any) -> float:
     return len(model.blocks) / 2 if wavefront else 0.0
 
 
+def readable(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether :func:`expected_update` can read ``optimizer``: Adam or AdamW without AMSGrad, or SGD with
+    momentum in every parameter group."""
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return not any(group.get("amsgrad") for group in optimizer.param_groups)
+    return isinstance(optimizer, torch.optim.SGD) and all(group["momentum"] > 0 for group in optimizer.param_groups)
+
+
 def expected_update(optimizer: torch.optim.Optimizer, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor | None:
     """The change the optimizer's state points to for ``p`` on its next step, before that step's gradient
     is known; None while the optimizer holds no state for ``p``."""
     state = optimizer.state.get(p)
     if not state:
         return None
+    if not readable(optimizer):
+        raise _unreadable(optimizer)
     if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        if group.get("amsgrad") or "exp_avg" not in state:
-            raise TrainingError("weight prediction reads Adam's moments, and AMSGrad keeps another second moment",
-                                node="optimizer", remedy="use Adam or AdamW with amsgrad=False, or predict_weights=0")
         b1, b2 = group["betas"]
         t = float(state["step"])
         direction = (state["exp_avg"] / (1 - b1**t)) / ((state["exp_avg_sq"] / (1 - b2**t)).sqrt() + group["eps"])
         if group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)):
             direction = direction + group["weight_decay"] * p
         return -group["lr"] * direction
-    if isinstance(optimizer, torch.optim.SGD) and state.get("momentum_buffer") is not None:
-        return -group["lr"] * state["momentum_buffer"]
-    raise TrainingError(f"weight prediction cannot read the next update of {type(optimizer).__name__}",
-                        node="optimizer", remedy="use Adam, AdamW or SGD with momentum, or predict_weights=0")
+    return -group["lr"] * state["momentum_buffer"]
+
+
+def _unreadable(optimizer: torch.optim.Optimizer) -> TrainingError:
+    return TrainingError(f"weight prediction cannot read the next update of {type(optimizer).__name__}: it is not "
+                         "Adam or AdamW without AMSGrad, or SGD with momentum", node="optimizer",
+                         remedy="use one of those optimizers, or pass predict_weights=0")
 
 
 @contextmanager
@@ -92,6 +105,8 @@ def predicted_weights(model: Any, optimizer: torch.optim.Optimizer, steps: float
     if steps < 0:
         raise TrainingError(f"predict_weights must be >= 0, got {steps}", node="predict_weights",
                             remedy="pass a number of optimizer steps, e.g. half the block count, or 0 to turn it off")
+    if steps and not readable(optimizer):
+        raise _unreadable(optimizer)
     blocks = {id(p) for block in model.blocks for p in block.parameters()}
     saved: list[tuple[nn.Parameter, torch.Tensor]] = []
     try:

@@ -26,7 +26,7 @@ from torch.optim.swa_utils import update_bn
 from hbll_compile._util import device_of
 from hbll_compile.errors import NonFiniteError, TrainingError
 from hbll_compile.runtime.fidelity import gradient_report
-from hbll_compile.runtime.prediction import default_lead, predicted_weights
+from hbll_compile.runtime.prediction import default_lead, predicted_weights, readable
 
 __all__ = ["RECALIBRATE_BN", "evaluate", "fit", "recalibrate_batchnorm", "split_batch", "to_device"]
 
@@ -151,7 +151,8 @@ def fit(
     - Each step runs with the blocks' weights predicted ``predict_weights`` optimizer steps ahead
       (:func:`~hbll_compile.runtime.prediction.predicted_weights`, against the wavefront's skew); None
       takes :func:`~hbll_compile.runtime.prediction.default_lead` (N/2 under HBLL's wavefront over
-      depth, else 0), and 0 turns it off.
+      depth, else 0) when the optimizer's next update can be read (Adam, AdamW, SGD with momentum),
+      else 0; 0 turns it off.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -168,7 +169,10 @@ def fit(
         raise TrainingError("checkpoint_every and resume need a checkpoint path", node="checkpoint",
                             remedy="pass checkpoint='run.safetensors'")
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
-    lead = default_lead(model) if predict_weights is None else predict_weights
+    if predict_weights is None:
+        lead = default_lead(model) if readable(optimizer) else 0.0
+    else:
+        lead = predict_weights
     device = device_of(model)
     history: dict[str, list[Any]] = {"loss": [], "eval_loss": [], "eval_accuracy": [], "steps_per_s": [],
                                      "skipped": []}
