@@ -53,7 +53,7 @@ from torch import nn
 
 from hbll_compile.errors import TrainingError
 
-__all__ = ["default_lead", "expected_update", "predicted_weights", "readable"]
+__all__ = ["default_lead", "predicted_weights", "readable"]
 
 
 def default_lead(model: Any) -> float:
@@ -66,21 +66,19 @@ def default_lead(model: Any) -> float:
 
 
 def readable(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether :func:`expected_update` can read ``optimizer``: Adam or AdamW without AMSGrad, or SGD with
-    momentum in every parameter group."""
+    """Whether the next update of ``optimizer`` can be read from its state: Adam or AdamW without AMSGrad,
+    or SGD with momentum in every parameter group."""
     if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         return not any(group.get("amsgrad") for group in optimizer.param_groups)
     return isinstance(optimizer, torch.optim.SGD) and all(group["momentum"] > 0 for group in optimizer.param_groups)
 
 
-def expected_update(optimizer: torch.optim.Optimizer, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor | None:
-    """The change the optimizer's state points to for ``p`` on its next step, before that step's gradient
-    is known; None while the optimizer holds no state for ``p``."""
+def _expected_update(optimizer: torch.optim.Optimizer, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor | None:
+    """The change the state of a :func:`readable` optimizer points to for ``p`` on its next step, before that
+    step's gradient is known; None while the optimizer holds no state for ``p``."""
     state = optimizer.state.get(p)
     if not state:
         return None
-    if not readable(optimizer):
-        raise _unreadable(optimizer)
     if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         b1, b2 = group["betas"]
         t = float(state["step"])
@@ -99,9 +97,9 @@ def _unreadable(optimizer: torch.optim.Optimizer) -> TrainingError:
 
 @contextmanager
 def predicted_weights(model: Any, optimizer: torch.optim.Optimizer, steps: float) -> Iterator[None]:
-    """Inside the block, every block parameter ``p`` of ``model`` sits at ``p + steps · u(p)``
-    (:func:`expected_update`); on exit, even on an error, each is restored bit for bit. ``steps=0`` moves
-    nothing."""
+    """Inside the block, every block parameter ``p`` of ``model`` sits at ``p + steps · u(p)``, with ``u`` the
+    update the optimizer's state points to (module docstring); on exit, even on an error, each is restored
+    bit for bit. ``steps=0`` moves nothing."""
     if steps < 0:
         raise TrainingError(f"predict_weights must be >= 0, got {steps}", node="predict_weights",
                             remedy="pass a number of optimizer steps, e.g. half the block count, or 0 to turn it off")
@@ -115,7 +113,7 @@ def predicted_weights(model: Any, optimizer: torch.optim.Optimizer, steps: float
                 for p in group["params"]:
                     if id(p) not in blocks:
                         continue
-                    update = expected_update(optimizer, group, p)
+                    update = _expected_update(optimizer, group, p)
                     if update is not None:
                         saved.append((p, p.detach().clone()))
                         p.add_(update, alpha=steps)
