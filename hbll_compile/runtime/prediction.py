@@ -105,7 +105,8 @@ def predicted_weights(model: Any, optimizer: torch.optim.Optimizer, steps: float
                             remedy="pass a number of optimizer steps, e.g. half the block count, or 0 to turn it off")
     if steps and not readable(optimizer):
         raise _unreadable(optimizer)
-    blocks = {id(p) for block in model.blocks for p in block.parameters()}
+    # BP, DGL and tree inputs run with steps=0 every step: they pay nothing, not even this set
+    blocks = {id(p) for block in model.blocks for p in block.parameters()} if steps else set()
     saved: list[tuple[nn.Parameter, torch.Tensor]] = []
     try:
         with torch.no_grad():
