@@ -69,6 +69,15 @@ class HBLLConfig:
             of all of them, so block i's path costs ``coupler_cost`` times blocks i+1..N and the work grows
             with N² blocks' worth (2.63× at N=64). Accuracy is the same within seed noise on every family
             of the benchmark table (BENCHMARKS.md, issue 13, and departure 16).
+        coupler_copies: k, how many of the blocks a coupler spans it runs exactly before its learned
+            part, as frozen copies: the first k of blocks a+1..b of span (a, b], at most all but the last
+            (the lever of AugLocal and SOLO: stand-ins built from the real downstream layers). The copies
+            are the live blocks with detached parameters, so they are refreshed every step (in
+            :func:`~hbll_compile.runtime.distributed.distribute`, replicas refreshed every ``sync_every``
+            steps). The learned part stays exactly invertible and stands in for the rest of the span, on
+            the same per-block budget. Each copy costs one block's forward and input gradient in every
+            path through the coupler, about k·N·log2(N)/2 block evaluations a step. ``0`` (default): none
+            (measurements: BENCHMARKS.md, issue 13).
         coupler_layers: additive coupling layers per coupler.
         coupler_gain: output scale of the couplers' residual nets (see
             :class:`~hbll_compile.nn.coupling.AdditiveCoupling`). The optimizer is shared with the
@@ -132,6 +141,7 @@ class HBLLConfig:
     correction: Correction = "parareal"
     coupler_cost: float = 0.05
     coupler_budget: CouplerBudget = "block"
+    coupler_copies: int = 0
     coupler_layers: int = 2
     coupler_gain: float = 4.0
     output_tail: OutputTail = "auto"
@@ -151,6 +161,8 @@ class HBLLConfig:
                 raise ValueError(f"HBLLConfig.{name} must be one of {allowed}, got {value!r}")
         if self.corrections < 0:
             raise ValueError(f"HBLLConfig.corrections must be >= 0, got {self.corrections}")
+        if self.coupler_copies < 0:
+            raise ValueError(f"HBLLConfig.coupler_copies must be >= 0, got {self.coupler_copies}")
         if self.coupler_cost <= 0:
             raise ValueError(f"HBLLConfig.coupler_cost must be > 0, got {self.coupler_cost}")
         if not 0 <= self.label_dropout < 1:

@@ -212,7 +212,8 @@ class CouplerPlan:
     node: int
     span: Span
     source: int
-    """The boundary the learned part reads: ``span[0]``, or 1 when it first runs block 1 on token ids."""
+    """The boundary the learned part reads: ``span[0]``, or later when the coupler first runs blocks
+    ``span[0]+1..source`` exactly (block 1 on token ids, ``HBLLConfig.coupler_copies``)."""
     sink: int
     """The boundary the learned part writes: ``span[1]``, or the tail's input (``Tail.input.index``)."""
     runs_tail: bool

@@ -243,12 +243,13 @@ class HBLLModel(nn.Module):
         return loss
 
     def run_coupler(self, node: int, h: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
-        """Coupler of tree node ``node`` on its span's left boundary: block 1 first for token inputs and
-        over time, the output tail last for spans that end at the output, conditioned on the span's
-        per-step inputs over time (see :mod:`hbll_compile.passes.couplers`)."""
+        """Coupler of tree node ``node`` on its span's left boundary: blocks ``span[0]+1..plan.source``
+        first (block 1 for token inputs and over time, frozen copies), the output tail last for spans that
+        end at the output, conditioned on the span's per-step inputs over time (see
+        :mod:`hbll_compile.passes.couplers`)."""
         plan = self._plans[node]
-        if plan.source != plan.span[0]:
-            h = self.run_block_frozen(1, h, env)
+        for i in range(plan.span[0] + 1, plan.source + 1):
+            h = self.run_block_frozen(i, h, env)
         h = self.run_coupling(node, h, env)
         if plan.runs_tail:
             h = self.run_tail(h, env)
@@ -411,7 +412,7 @@ class HBLLModel(nn.Module):
                 total += per_block[node.span[1] - 1]
             else:
                 plan = self._plans[node.id]
-                total += plan.flops + (per_block[0] if plan.source != plan.span[0] else 0)
+                total += plan.flops + sum(per_block[plan.span[0]:plan.source])
                 total += self.tail_info.spec.sample_flops if plan.runs_tail else 0
         return int(total)
 

@@ -9,6 +9,7 @@ from helpers import ZOO, compile_case, targets, train_on_teacher
 
 import hbll_compile as hc
 from hbll_compile.nn import Coupler
+from hbll_compile.runtime.schedule import Task, TaskKind
 
 
 def accumulated_grads(m: hc.HBLLModel, steps: int, x: tuple[torch.Tensor, ...], y: torch.Tensor) -> dict:
@@ -131,3 +132,58 @@ def test_coupler_options_are_recorded_in_the_plan_budget() -> None:
             coupler = m.couplers[str(plan.node)]
             assert isinstance(coupler, Coupler)
             assert plan.flops == coupler.flops() and (plan.flops <= plan.budget or plan.hidden == 8)
+
+
+@pytest.mark.parametrize(("case", "copies"), [("resmlp", 1), ("gpt", 2), ("cnn_bn", 1)])
+def test_coupler_copies_run_the_first_spanned_blocks_with_live_weights(case: str, copies: int) -> None:
+    """A coupler with copies runs the first ``copies`` blocks of its span exactly (all but the last one),
+    with the blocks' current weights, then its learned part; the GPT's token-input couplers start with
+    block 1 either way."""
+    plain, m = seeded_case(case, 4), seeded_case(case, 4, coupler_copies=copies)
+    for base, plan in zip(plain.coupler_plans, m.coupler_plans):
+        a, b = plan.span
+        assert plan.source == max(base.source, min(a + copies, b - 1))
+        assert plan.flops <= plan.budget or plan.hidden == 8, "the learned part keeps to its per-block budget"
+    x, y = ZOO[case].example(batch=4), targets(case, 4)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for _ in range(3):  # the blocks move: a stale copy would no longer match the chain below
+        opt.zero_grad()
+        m.training_step(*x, target=y)
+        opt.step()
+    m.eval()
+    env = m.environment(*x)
+    chain = [x[0]]
+    with torch.no_grad():
+        for i in range(1, m.tree.n_blocks + 1):
+            chain.append(m.run_block(i, chain[-1], env))
+        for plan in m.coupler_plans:
+            want = m.run_coupling(plan.node, chain[plan.source], env)
+            want = m.run_tail(want, env) if plan.runs_tail else want
+            torch.testing.assert_close(m.run_coupler(plan.node, chain[plan.span[0]], env), want, rtol=0, atol=0)
+
+
+def test_coupler_copies_train_and_leave_the_copied_blocks_to_their_own_objective() -> None:
+    """Copies are fixed maps: a coupler's update task gives the blocks it runs no gradient, and the model
+    still learns the teacher."""
+    m, x, y, losses = train_on_teacher({"coupler_copies": 1})
+    assert losses[-1] < 0.7 * losses[8]
+    assert [p.source for p in m.coupler_plans] == [1, 1, 3]
+    seen: dict[Task, list[torch.Tensor | None]] = {}
+    checked = []
+
+    def hook(task: Task, done: bool) -> None:
+        if task.kind is not TaskKind.COUPLER_UPDATE:
+            return
+        grads = [None if p.grad is None else p.grad.clone() for p in m.blocks.parameters()]
+        if not done:
+            seen[task] = grads
+            return
+        for before, after in zip(seen.pop(task), grads):
+            assert (before is None and after is None) or torch.equal(before, after)
+        checked.append(task.unit.id)
+
+    m.register_task_hook(hook)
+    m.training_step(x, target=y)
+    assert sorted(checked) == [p.node for p in m.coupler_plans]
+    with pytest.raises(ValueError, match="coupler_copies"):
+        hc.HBLLConfig(coupler_copies=-1)

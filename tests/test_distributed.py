@@ -40,15 +40,16 @@ def _batches(case: str, steps: int = STEPS) -> list[tuple[tuple[torch.Tensor, ..
     return out
 
 
-def _compile(case: str, n: int, **config: Any) -> hc.HBLLModel:
-    """A zoo case compiled at ``n`` blocks, with the GPT's dropout off: each process draws its own random
-    numbers, so only a model without random ops can equal the single-process run bit for bit."""
+def _compile(case: str, n: int) -> hc.HBLLModel:
+    """A zoo case compiled at ``n`` blocks under ``CONFIG``, with the GPT's dropout off: each process draws its
+    own random numbers, so only a model without random ops can equal the single-process run bit for bit."""
     c = ZOO[case]
     model = c.build()
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    return hc.hbll_compile(model, c.example(), blocks=n, loss=loss_for(case), config=hc.HBLLConfig(**config))
+    config = hc.HBLLConfig(**CONFIG.get((case, n), {}))
+    return hc.hbll_compile(model, c.example(), blocks=n, loss=loss_for(case), config=config)
 
 
 @functools.cache
@@ -129,6 +130,8 @@ SCENARIOS: dict[str, Callable[[Path], object]] = {
 }
 WORLD = {("resmlp", 4): 2, ("cnn_bn", 3): 2, ("gpt", 4): 2, ("resmlp", 5): 3}
 """How many ranks train each (case, blocks) in the launches above."""
+CONFIG: dict[tuple[str, int], dict[str, Any]] = {("resmlp", 5): {"coupler_copies": 1}}
+"""HBLLConfig fields of a (case, blocks) beyond the defaults: copies of blocks other ranks own."""
 
 
 def _worker(rank: int, world: int, port: int, scenario: str, out: str) -> None:
@@ -214,7 +217,7 @@ def test_describe_shows_placement(two_ranks: Path) -> None:
     assert "HBLL on 2 ranks" in text and "1..2" in text and "3..4" in text and "h2 from 0" in text
 
 
-def test_three_ranks_with_blocks_not_divisible_by_ranks(tmp_path: Path) -> None:
+def test_three_ranks_with_blocks_not_divisible_by_ranks_and_coupler_copies(tmp_path: Path) -> None:
     assert _launch("three", 3, tmp_path) == [0, 0, 0]
     _check_against_reference(tmp_path, "resmlp", 5)
 

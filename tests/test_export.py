@@ -230,8 +230,8 @@ def test_training_units_follow_the_objectives() -> None:
         torch.testing.assert_close(UnitObjective(m, unit)(*args), expected)
 
 
-@pytest.mark.parametrize("config", [{}, {"local_head_weight": 0.5}, {"objective": "dgl"}, {"inputs": "tree"}],
-                         ids=["hbll", "hbll+heads", "dgl", "tree"])
+@pytest.mark.parametrize("config", [{}, {"local_head_weight": 0.5}, {"objective": "dgl"}, {"inputs": "tree"},
+                                    {"coupler_copies": 1}], ids=["hbll", "hbll+heads", "dgl", "tree", "copies"])
 def test_executor_and_export_train_every_unit_alike(config: dict) -> None:
     """For every unit kind (block, block with its head, the last block, coupler, DGL head update), the
     gradient the executor gives the unit equals the gradient of the exported objective on the same

@@ -121,9 +121,7 @@ def training_units(m: HBLLModel) -> list[TrainingUnit]:
 
 def _coupler_blocks(m: HBLLModel, node: int) -> set[int]:
     plan = m.coupler_plan(node)
-    out = set()
-    if plan.source != plan.span[0]:
-        out.add(1)
+    out = set(range(plan.span[0] + 1, plan.source + 1))
     if plan.runs_tail:
         out.add(plan.span[1])  # the tail is part of block N and reads a subset of its context
     return out

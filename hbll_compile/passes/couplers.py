@@ -1,9 +1,10 @@
 """Build one coupler per internal tree node (DESIGN §1, "Coupler").
 
-A coupler for node v with span (a, b] maps boundary a to an estimate of boundary b. Two ends are
-special, and there the coupler runs one of the model's own blocks exactly, as a fixed map:
-- where the span starts at the model input and that input is not a float tensor (token ids), it first
-  runs block 1 and couples from boundary 1 (``source = 1``);
+A coupler for node v with span (a, b] maps boundary a to an estimate of boundary b. It may run some
+of the model's own blocks exactly, as fixed maps, around its learned part:
+- first the blocks a+1..``source``: block 1 where the span starts at the model input and that input is
+  not a float tensor (token ids), and the first ``config.coupler_copies`` blocks of the span (frozen
+  copies; never the last block, so the learned part always stands in for at least one);
 - where the span ends at the model output (b = N), it couples into the input of the model's output
   *tail* (block N from its last legal cut on, e.g. the final linear layer; see
   :class:`~hbll_compile.ir.Tail`) and then runs the tail (``runs_tail``). DESIGN §1 crops channels
@@ -100,7 +101,8 @@ def build_couplers(
         torch.manual_seed(config.seed)
         for node in tree.internal_nodes:
             a, b = node.span
-            source = 1 if a == 0 and (over_time or not _is_float(boundaries[0])) else a
+            first = 1 if a == 0 and (over_time or not _is_float(boundaries[0])) else a
+            source = max(first, min(a + config.coupler_copies, b - 1))
             runs_tail = b == tree.n_blocks and not emits  # an emitting model's tail is a step readout
             written = tail.input if runs_tail else boundaries[b]
             stands_for = sum(per_sample[source:b]) - (tail_flops if runs_tail else 0)

@@ -599,13 +599,13 @@ def _unit_modules(m: HBLLModel, unit: Unit) -> list[nn.Module]:
 
 
 def _node_modules(m: HBLLModel, node: int) -> list[nn.Module]:
-    """The modules ``m.run_node(node, ...)`` evaluates: a leaf's block, or a coupler with block 1 before
-    it (token inputs) and the tail after it (spans ending at the output) as its plan says."""
+    """The modules ``m.run_node(node, ...)`` evaluates: a leaf's block, or a coupler with the blocks its plan
+    runs before it (token inputs, copies) and the tail after it (spans ending at the output)."""
     tree_node = m.tree.nodes[node]
     if tree_node.is_leaf:
         return [m.blocks[tree_node.span[1] - 1]]
     plan = m.coupler_plan(node)
-    return ([m.blocks[0]] if plan.source != plan.span[0] else []) + [m.couplers[str(node)]] + (
+    return list(m.blocks[plan.span[0]:plan.source]) + [m.couplers[str(node)]] + (
         [m.tail] if plan.runs_tail else [])
 
 

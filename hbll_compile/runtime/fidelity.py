@@ -423,7 +423,7 @@ def _coupler_fidelity(
         env = m.environment(source, *inputs[1:], target=target)
     if plan.source == a:
         coupled = m.run_coupler(v.id, source, env)
-    else:  # token input: both maps start with block 1, so compare them from h_1 (run_coupler's own order)
+    else:  # both maps start with the blocks the coupler runs exactly, so compare them from h_source
         coupled = m.run_coupling(v.id, source, env)
         coupled = m.run_tail(coupled, env) if plan.runs_tail else coupled
     spanned = _span(m, (plan.source, b), source, env)
