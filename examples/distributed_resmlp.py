@@ -47,11 +47,13 @@ def main(argv: list[str] | None = None) -> float | None:
         print(dm.describe())
     optimizer = torch.optim.AdamW(dm.parameters(), lr=1e-3)  # this rank's blocks and couplers
     train_loader, test_loader = make_loaders(train, test, batch_size=128, seed=args.seed)  # same batches everywhere
+    lead = hc.default_lead(dm)  # as fit does in one process: blocks' weights predicted N/2 steps ahead
     step = 0
     for epoch in range(args.epochs):
         for x, y in train_loader:
             optimizer.zero_grad()
-            loss = dm.training_step(x, target=y)
+            with hc.predicted_weights(dm, optimizer, lead):
+                loss = dm.training_step(x, target=y)
             optimizer.step()
             step += 1
             if rank == dist.get_world_size() - 1 and step % 10 == 0:

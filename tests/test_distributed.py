@@ -53,9 +53,9 @@ def _compile(case: str, n: int) -> hc.HBLLModel:
 
 
 @functools.cache
-def _reference(case: str, n: int) -> tuple[list[float], dict[str, torch.Tensor], int]:
-    """The single-process wavefront run: per-step losses, the final state dict, and the first block of
-    the last of ``WORLD[(case, n)]`` ranks."""
+def _reference(case: str, n: int, lead: float = 0.0) -> tuple[list[float], dict[str, torch.Tensor], int]:
+    """The single-process wavefront run (blocks' weights predicted ``lead`` steps ahead): per-step losses,
+    the final state dict, and the first block of the last of ``WORLD[(case, n)]`` ranks."""
     m = _compile(case, n)
     first_of_last_rank = place(m, WORLD[(case, n)]).first[-1]
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
@@ -65,30 +65,37 @@ def _reference(case: str, n: int) -> tuple[list[float], dict[str, torch.Tensor],
     try:
         for inputs, y in _batches(case):
             opt.zero_grad()
-            losses.append(float(m.training_step(*inputs, target=y)))
+            with hc.predicted_weights(m, opt, lead):
+                losses.append(float(m.training_step(*inputs, target=y)))
             opt.step()
     finally:
         torch.set_num_threads(threads)
     return losses, m.state_dict(), first_of_last_rank
 
 
-def _train(case: str, n: int, out: Path, *, save: bool = False, sync_every: int = 1) -> None:
-    """Worker side: STEPS distributed steps; writes this rank's losses and, on rank 0, the gathered state."""
+def _train(case: str, n: int, out: Path, *, save: bool = False, sync_every: int = 1, lead: float = 0.0) -> None:
+    """Worker side: STEPS distributed steps (blocks' weights predicted ``lead`` steps ahead); writes this
+    rank's losses and, on rank 0, the gathered state."""
     m = _compile(case, n)
     dm = hc.distribute(m, sync_every=sync_every)
     opt = torch.optim.Adam(dm.parameters(), lr=1e-2)
     losses = []
     for inputs, y in _batches(case):
         opt.zero_grad()
-        losses.append(float(dm.training_step(*inputs, target=y)))
+        with hc.predicted_weights(dm, opt, lead):
+            losses.append(float(dm.training_step(*inputs, target=y)))
         opt.step()
-    rank, name = torch.distributed.get_rank(), f"{case}{n}" + (f"sync{sync_every}" if sync_every > 1 else "")
+    rank, name = torch.distributed.get_rank(), _name(case, n, sync_every, lead)
     torch.save({"losses": losses, "describe": dm.describe()}, out / f"{name}.rank{rank}.pt")
     if save:
         dm.save(out / f"{name}.safetensors")
     state = dm.gather_state_dict()
     if state is not None:
         torch.save(state, out / f"{name}.state.pt")
+
+
+def _name(case: str, n: int, sync_every: int = 1, lead: float = 0.0) -> str:
+    return f"{case}{n}" + (f"sync{sync_every}" if sync_every > 1 else "") + (f"lead{lead:g}" if lead else "")
 
 
 def _dying_loss(rank: int, calls: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -125,7 +132,7 @@ def _killed(out: Path) -> None:
 SCENARIOS: dict[str, Callable[[Path], object]] = {
     # the killed rank ends the process group, so that scenario comes last
     "two": lambda out: (_train("resmlp", 4, out, save=True), _train("cnn_bn", 3, out), _train("gpt", 4, out),
-                        _train("resmlp", 4, out, sync_every=3), _killed(out)),
+                        _train("resmlp", 4, out, sync_every=3), _train("gpt", 4, out, lead=2.0), _killed(out)),
     "three": lambda out: (_train("resmlp", 5, out), torch.distributed.destroy_process_group()),
 }
 WORLD = {("resmlp", 4): 2, ("cnn_bn", 3): 2, ("gpt", 4): 2, ("resmlp", 5): 3}
@@ -160,15 +167,15 @@ def _launch(scenario: str, world: int, out: Path, timeout: float = 240.0) -> lis
     return codes
 
 
-def _check_against_reference(out: Path, case: str, n: int) -> None:
-    ref_losses, ref_state, first_of_last_rank = _reference(case, n)
-    last = torch.load(out / f"{case}{n}.rank{WORLD[(case, n)] - 1}.pt")["losses"]
+def _check_against_reference(out: Path, case: str, n: int, lead: float = 0.0) -> None:
+    ref_losses, ref_state, first_of_last_rank = _reference(case, n, lead)
+    last = torch.load(out / f"{_name(case, n, lead=lead)}.rank{WORLD[(case, n)] - 1}.pt")["losses"]
     compared = [(a, b) for t, (a, b) in enumerate(zip(last, ref_losses), 1) if t >= first_of_last_rank]
     assert len(compared) >= STEPS - n + 1
     assert all(not math.isnan(a) for a, _ in compared)
     torch.testing.assert_close(torch.tensor([a for a, _ in compared]), torch.tensor([b for _, b in compared]),
                                atol=1e-5, rtol=1e-5)
-    state = torch.load(out / f"{case}{n}.state.pt")
+    state = torch.load(out / f"{_name(case, n, lead=lead)}.state.pt")
     assert state.keys() == ref_state.keys()
     for key, value in ref_state.items():
         torch.testing.assert_close(state[key], value, atol=1e-5, rtol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
@@ -195,6 +202,13 @@ def test_tied_weight_gpt_stays_tied_and_exact(two_ranks: Path) -> None:
     placement = place(m, 2)
     assert {placement.block_rank(i) for i in owners} == {0, 1}  # the tie really crosses the two ranks
     _check_against_reference(two_ranks, "gpt", 4)
+
+
+def test_weight_prediction_moves_replicas_with_their_owners(two_ranks: Path) -> None:
+    """Each rank predicts only its own blocks; the refresh hands the moved weights to the other ranks'
+    replicas, so the run equals the single-process run with prediction (tied weights included)."""
+    _check_against_reference(two_ranks, "gpt", 4, lead=2.0)
+    assert _reference("gpt", 4, 2.0)[0] != _reference("gpt", 4)[0], "prediction changes the trajectory"
 
 
 def test_save_on_rank_zero_loads_in_one_process(two_ranks: Path) -> None:

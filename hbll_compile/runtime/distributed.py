@@ -20,6 +20,10 @@ Rules:
   ``sync_every`` steps, before the step's compute; with ``sync_every=1`` every update sees the weights
   after the previous optimizer step, exactly as in one process. With ``sync_every=k > 1`` the refresh
   posted at the start of step t is applied when step t's compute is done, so the transfer overlaps it.
+- **Weight prediction.** ``with hc.predicted_weights(dm, optimizer, hc.default_lead(dm))`` around
+  ``dm.training_step`` moves this rank's blocks ahead; the refresh at the start of the step sends the
+  moved weights, so with ``sync_every=1`` the replicas move with their owners and a run equals the
+  single-process run with prediction (``fit``'s default).
 - **Tied weights.** A tensor held by units on several ranks (a GPT's embedding and output head) is
   owned by all of them; after each step its owners exchange gradients and each sums them in rank
   order, so identical optimizers keep the copies identical. No other gradient ever crosses a rank.
@@ -67,6 +71,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hbll_compile._util import first_line
+from hbll_compile.config import HBLLConfig
 from hbll_compile.errors import DistributedError
 from hbll_compile.passes.partition import choose_cuts
 from hbll_compile.runtime.executor import Executor
@@ -244,6 +249,18 @@ class DistributedHBLL(nn.Module):
 
     def _tensor(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    @property
+    def config(self) -> HBLLConfig:
+        """The compiled model's configuration."""
+        return self.model.config
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """All N blocks: this rank's own, and its frozen replicas of the others' (what
+        :func:`~hbll_compile.runtime.prediction.predicted_weights` reads: it moves only the parameters the
+        optimizer steps, this rank's, and the next refresh hands the moved weights to the replicas)."""
+        return self.model.blocks
 
     # -- the user's loop ----------------------------------------------------------------------------
     def named_parameters(

@@ -21,8 +21,10 @@ Rules:
   second, plus decoupled weight decay), and SGD with momentum (its momentum buffer). With any other
   optimizer the next update depends on a gradient not yet computed: ``predicted_weights`` raises
   :class:`~hbll_compile.errors.TrainingError`, and ``fit``'s default does not predict.
-- :func:`~hbll_compile.runtime.distributed.distribute` does not predict yet: a rank's frozen replicas of
-  the other ranks' blocks would have to move with them.
+- ``model`` is an :class:`~hbll_compile.model.HBLLModel` or a rank's
+  :class:`~hbll_compile.runtime.distributed.DistributedHBLL`: a rank moves the blocks its optimizer
+  steps, and the replica refresh at the start of the step hands the moved weights to the other ranks, so
+  with ``sync_every=1`` a distributed run equals the single-process one.
 
 Example:
     >>> import torch, hbll_compile as hc
