@@ -2,8 +2,9 @@
 a learning-rate warmup, and exact block inputs (the slow start of the wavefront pipeline).
 
 Each run trains one network from the table's initialisation with the table's loop (AdamW 1e-3; MNIST:
-batch 128, 5 epochs; char-GPT: ``charlm_gpt.train``, 300 steps) and appends one JSON row to ``--out``:
-held-out accuracy after every epoch, or the char-GPT's perplexity curve.
+batch 128, 5 epochs; char-GPT: ``charlm_gpt.train``, ``--steps``, 300 by default) and appends one JSON
+row to ``--out``: held-out accuracy after every epoch, or the char-GPT's perplexity curve (every quarter
+of the run).
 
 - ``--head-schedule``: ``const`` (λ = 0.5 throughout, the default), ``lin`` (0.5 falling linearly to 0 at
   the last step) or ``epoch1`` (0.5 for the first fifth of the steps, then 0). λ changes by replacing
@@ -15,7 +16,7 @@ held-out accuracy after every epoch, or the char-GPT's perplexity curve.
 Example:
     python benchmarks/levers.py --network resmlp --head-schedule epoch1 --seed 0
     python benchmarks/levers.py --network resmlp --config '{"inputs": "tree", "corrections": 16}'
-    python benchmarks/levers.py --network chargpt --blocks 8 --head-schedule lin
+    python benchmarks/levers.py --network chargpt --blocks 8 --head-schedule lin --steps 1200
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from models import ResMLPLN  # noqa: E402
 __all__ = ["head_weight", "main"]
 
 MNIST_EPOCHS = 5
-GPT_STEPS = 300
 
 
 def head_weight(schedule: str, step: int, steps: int) -> float:
@@ -98,7 +98,7 @@ def _mnist(args: argparse.Namespace) -> dict:
 def _chargpt(args: argparse.Namespace) -> dict:
     import charlm_gpt
 
-    before_step = _scheduled(args.head_schedule, GPT_STEPS)
+    before_step = _scheduled(args.head_schedule, args.steps)
     step = hc.HBLLModel.training_step
 
     def scheduled_step(m: hc.HBLLModel, *inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,8 @@ def _chargpt(args: argparse.Namespace) -> dict:
 
     hc.HBLLModel.training_step = scheduled_step  # type: ignore[method-assign]  # charlm_gpt.train owns the loop
     gpt_args = charlm_gpt.parser().parse_args([
-        "--steps", str(GPT_STEPS), "--blocks", str(args.blocks), "--seed", str(args.seed), "--eval-every", "75",
+        "--steps", str(args.steps), "--blocks", str(args.blocks), "--seed", str(args.seed),
+        "--eval-every", str(max(1, args.steps // 4)),
         "--config", json.dumps(args.config)])
     curve: list[tuple[int, float]] = []
     perplexity, _ = charlm_gpt.train(args.objective, gpt_args, curve)
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--objective", choices=("hbll", "bp"), default="hbll")
     p.add_argument("--blocks", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=300, help="char-GPT training steps")
     p.add_argument("--head-schedule", choices=("const", "lin", "epoch1"), default="const")
     p.add_argument("--warmup", type=int, default=0, help="MNIST: linear learning-rate warmup over K steps")
     p.add_argument("--config", type=json.loads, default={}, help="HBLLConfig fields as JSON")
