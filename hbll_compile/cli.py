@@ -206,7 +206,8 @@ def _diagnose(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # the factory's initialisation: the same report on every run
     model = load_factory(args.factory)()
     inputs = example_inputs(args.input_shape, args.dtype)
-    config = HBLLConfig(inputs=args.inputs, seed=args.seed, local_head_weight=args.head_weight)
+    heads = {} if args.head_weight is None else {"local_head_weight": args.head_weight}
+    config = HBLLConfig(inputs=args.inputs, seed=args.seed, **heads)
     m = hbll_compile(model, inputs, blocks=args.blocks, loss=_DIAGNOSE_LOSSES[args.loss], config=config,
                      over=args.over)
     # a seeded synthetic target shaped like the output: class ids over its last dim, or values for mse

@@ -24,7 +24,8 @@ CouplerMixing = Literal["none", "causal_conv", "causal_attention"]
 CouplerBudget = Literal["span", "block"]
 
 DEFAULT_HEAD_WEIGHT = 0.5
-"""λ when ``HBLLConfig.local_head_weight`` is None (chosen by measurement: BENCHMARKS.md, issue 12)."""
+"""λ when ``HBLLConfig.local_head_weight`` is None, for steps without weight prediction (chosen by
+measurement: BENCHMARKS.md, issue 12)."""
 
 _CHOICES = {
     "objective": get_args(Objective),
@@ -117,11 +118,15 @@ class HBLLConfig:
             mixer is causal: no output token reads a later input token. Measurements: BENCHMARKS.md
             (issue 13).
         local_head_weight: weight λ of the local-head losses added to each block's path loss under
-            ``"hbll"`` (0 disables heads). ``None`` (default): :data:`DEFAULT_HEAD_WEIGHT` at every
+            ``"hbll"``. ``0`` (default): no local heads. ``None``: :data:`DEFAULT_HEAD_WEIGHT` at every
             boundary where a local head can be built (:func:`~hbll_compile.nn.heads.make_head`), and no
-            head elsewhere; an explicit weight > 0 needs a head at every inner boundary. The heads keep
-            networks whose residual stream has no normalisation from diverging under block-local
-            training (measurements: BENCHMARKS.md, issue 12). ``head_weight`` is the weight in force.
+            head elsewhere; an explicit weight > 0 needs a head at every inner boundary. Heads kept
+            networks without a normalisation inside their blocks from diverging when steps ran without
+            weight prediction (issue 12); with it (``fit``'s default,
+            :func:`~hbll_compile.runtime.prediction.predicted_weights`) they cost accuracy on every
+            family of the benchmark table, so the default has none, and a step that runs without
+            prediction and without heads warns (measurements: BENCHMARKS.md, issue 13 part 6).
+            ``head_weight`` is the weight in force.
         consistency_weight: weight of each coupler's consistency term ``‖C_v(h_a) − sg(h_b)‖²``.
         coupler_path_weight: weight of the task loss through a coupler's own path. DESIGN §2 adds it
             with weight 1; the default is 0, because the term made couplers better classifiers but
@@ -148,7 +153,7 @@ class HBLLConfig:
     coupler_condition: CouplerCondition = "none"
     label_dropout: float = 0.1
     coupler_mixing: CouplerMixing = "causal_conv"
-    local_head_weight: float | None = None
+    local_head_weight: float | None = 0.0
     consistency_weight: float = 1.0
     coupler_path_weight: float = 0.0
     seed: int = 0

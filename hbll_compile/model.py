@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, cast
 
@@ -97,6 +98,9 @@ class HBLLModel(nn.Module):
         self.guards: ShapeGuards | None = parts.captured.guards
         """The capture's shape conditions, checked on every call (None for a torch.fx capture)."""
         self._labels = label_layout(self.boundaries[-1]) if self.config.coupler_condition == "label" else None
+        self.predicted_lead = 0.0
+        """The weight prediction's lead the current step runs under (set by ``hc.predicted_weights``)."""
+        self._warned_unpredicted = False
         self._executor = Executor(parts.schedule, self)
         self._needs_isolation = _needs_isolation(self.blocks)
         self._plain_frozen = False
@@ -335,6 +339,7 @@ class HBLLModel(nn.Module):
                                 node="target", remedy="pass the targets of this batch")
         if self.emission is not None and self.reduction is None:
             self.reduction = decomposition(self.task_loss, self.emission, inputs[0].shape[0], target)
+        self._warn_if_unpredicted()
         try:
             return self._executor.step(inputs, target)
         except CompileError:
@@ -345,6 +350,20 @@ class HBLLModel(nn.Module):
                 f"{type(err).__name__}: {first_line(err)}", node="inputs",
                 remedy="pass inputs of the example's dtype and shape (batch size aside) and targets the loss accepts",
             ) from err
+
+    def _warn_if_unpredicted(self) -> None:
+        """Warn once when a wavefront step over depth runs without weight prediction and without local
+        heads: measured, that made networks without a normalisation inside their blocks diverge."""
+        config = self.config
+        if self._warned_unpredicted or self.predicted_lead or len(self.heads) or config.objective != "hbll" \
+                or config.inputs != "wavefront" or config.over != "depth" or len(self.blocks) < 2:
+            return
+        self._warned_unpredicted = True
+        warnings.warn("HBLL wavefront steps without weight prediction and without local heads: on networks "
+                      "without a normalisation inside their blocks the blocks' stale inputs can make training "
+                      "diverge. Train with m.fit (it predicts), wrap each step in hc.predicted_weights(m, "
+                      "optimizer, hc.default_lead(m)), or compile with local_head_weight=None (local heads).",
+                      UserWarning, stacklevel=3)
 
     def _check_inputs(self, inputs: tuple[Any, ...]) -> None:
         if len(inputs) != len(self.input_names):

@@ -3,6 +3,8 @@ what fit does with it."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import ZOO, compile_case, targets
@@ -101,3 +103,22 @@ def test_fit_does_not_predict_by_default_for_optimizers_it_cannot_read() -> None
     with pytest.raises(hc.TrainingError) as info:
         m.fit(data, epochs=2, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), progress=False, predict_weights=1)
     assert info.value.node == "optimizer"
+
+
+def test_a_step_without_prediction_and_without_heads_warns_once() -> None:
+    """The default has no local heads; a wavefront step outside prediction warns (once per model), one
+    inside does not, and neither does a model with heads."""
+    x, y = ZOO["resmlp"].example(batch=8), targets("resmlp", 8)
+    m = compile_case("resmlp", 4)
+    assert m.config.local_head_weight == 0 and not len(m.heads)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with predicted_weights(m, opt, default_lead(m)):
+            m.training_step(*x, target=y)
+        assert m.predicted_lead == 0
+        compile_case("resmlp", 4, local_head_weight=None).training_step(*x, target=y)
+    with pytest.warns(UserWarning, match="without weight prediction and without local heads") as caught:
+        m.training_step(*x, target=y)
+        m.training_step(*x, target=y)
+    assert len([w for w in caught if "weight prediction" in str(w.message)]) == 1

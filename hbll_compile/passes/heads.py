@@ -2,9 +2,10 @@
 
 Heads map ``h_i`` to the model output's shape so the task loss can score it: pooling plus a linear
 layer for images, a linear layer for token sequences and vectors. They are built when the objective
-is ``"dgl"``, or under ``"hbll"`` when ``config.head_weight > 0``. Under ``"hbll"`` with the default
-``local_head_weight=None`` a boundary no head fits gets none (its block trains on the path loss alone);
-an explicit weight, or ``"dgl"``, needs a head at every inner boundary.
+is ``"dgl"``, or under ``"hbll"`` when ``config.head_weight > 0`` (the default ``local_head_weight=0``
+builds none). Under ``"hbll"`` with ``local_head_weight=None`` a boundary no head fits gets none (its
+block trains on the path loss alone); an explicit weight, or ``"dgl"``, needs a head at every inner
+boundary.
 
 Example:
     >>> import torch, hbll_compile as hc

@@ -110,7 +110,9 @@ def predicted_weights(model: Any, optimizer: torch.optim.Optimizer, steps: float
     # BP, DGL and tree inputs run with steps=0 every step: they pay nothing, not even this set
     blocks = {id(p) for block in model.blocks for p in block.parameters()} if steps else set()
     saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+    lead = getattr(model, "predicted_lead", 0.0)
     try:
+        model.predicted_lead = steps  # the model's step reads it (it warns about unpredicted steps without heads)
         with torch.no_grad():
             for group in optimizer.param_groups if steps else ():
                 for p in group["params"]:
@@ -122,6 +124,7 @@ def predicted_weights(model: Any, optimizer: torch.optim.Optimizer, steps: float
                         p.add_(update, alpha=steps)
         yield
     finally:
+        model.predicted_lead = lead
         with torch.no_grad():
             for p, weights in saved:
                 p.copy_(weights)
