@@ -58,6 +58,12 @@ def head_weight(schedule: str, step: int, steps: int) -> float:
     raise ValueError(f"unknown head schedule {schedule!r}")
 
 
+def _with_heads(config: dict) -> dict:
+    """``config`` with local heads where they fit (``local_head_weight=None``) unless it says otherwise: the
+    λ schedules need heads, and the library's default has none."""
+    return {"local_head_weight": None, **config}
+
+
 def _scheduled(schedule: str, steps: int) -> Callable[[hc.HBLLModel], None]:
     """A hook to call before each step: sets λ for the step it is about to run."""
     count = [0]
@@ -76,7 +82,7 @@ def _mnist(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     net = ResMLPLN(width=256, depth=16) if args.network == "resmlp_ln" else build_model(width=256, depth=16)
     m = hc.hbll_compile(net, (train.tensors[0][:2],), blocks=args.blocks, loss=F.cross_entropy,
-                        config=hc.HBLLConfig(objective=args.objective, seed=args.seed, **args.config))
+                        config=hc.HBLLConfig(objective=args.objective, seed=args.seed, **_with_heads(args.config)))
     train_loader, test_loader = make_loaders(train, test, batch_size=128, seed=args.seed)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) if args.warmup else 1.0)
@@ -109,7 +115,7 @@ def _chargpt(args: argparse.Namespace) -> dict:
     gpt_args = charlm_gpt.parser().parse_args([
         "--steps", str(args.steps), "--blocks", str(args.blocks), "--seed", str(args.seed),
         "--eval-every", str(max(1, args.steps // 4)),
-        "--config", json.dumps(args.config)])
+        "--config", json.dumps(_with_heads(args.config))])
     curve: list[tuple[int, float]] = []
     perplexity, _ = charlm_gpt.train(args.objective, gpt_args, curve)
     return {"perplexity": perplexity, "eval_perplexity": curve}

@@ -211,18 +211,24 @@ def test_created_tensors_follow_the_input_device(name: str) -> None:
             assert not isinstance(node.kwargs.get("device"), torch.device), (node.name, node.kwargs)
 
 
-def test_default_local_heads_only_where_a_head_fits() -> None:
-    """A per-sample scalar output has no local head: by default those blocks train on the path loss
-    alone; an explicit weight asks for heads everywhere and is refused."""
+def test_local_heads_none_by_default_and_only_where_a_head_fits_under_none() -> None:
+    """The default builds no heads. Under ``local_head_weight=None`` a per-sample scalar output has no local
+    head, so those blocks train on the path loss alone; an explicit weight asks for heads everywhere and
+    is refused."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
                               torch.nn.Linear(8, 1), torch.nn.Flatten(0))
     x = torch.randn(6, 4)
-    m = hc.hbll_compile(net, (x[:2],), blocks=3, loss=torch.nn.functional.mse_loss)
+    m = hc.hbll_compile(net, (x[:2],), blocks=3, loss=torch.nn.functional.mse_loss,
+                        config=hc.HBLLConfig(local_head_weight=None))
     assert len(m.heads) == 0 and not any(t.head for t in m.schedule.tasks())
     m.training_step(x, target=torch.randn(6))
     with pytest.raises(hc.LoweringError, match="cannot build a local head at boundary 1"):
         hc.hbll_compile(net, (x[:2],), blocks=3, loss=torch.nn.functional.mse_loss,
                         config=hc.HBLLConfig(local_head_weight=0.5))
-    classifier = hc.hbll_compile(ZOO["resmlp"].build(), ZOO["resmlp"].example(2), blocks=4)
+    example = ZOO["resmlp"].example(2)
+    classifier = hc.hbll_compile(ZOO["resmlp"].build(), example, blocks=4,
+                                 config=hc.HBLLConfig(local_head_weight=None))
     assert sorted(classifier.heads) == ["1", "2", "3"] and classifier.config.head_weight == 0.5
+    default = hc.hbll_compile(ZOO["resmlp"].build(), example, blocks=4)
+    assert len(default.heads) == 0 and default.config.head_weight == 0
